@@ -1,0 +1,240 @@
+"""metrix_loss and MetrixLoss: validate once, pick the backend, return clean + w * mixed (eq. 10)."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+from .family import loss_row, resolve
+from .pairs import (
+    DEFAULT_PAIRS,
+    MixPlan,
+    batch_pairs,
+    check_label_mode,
+    check_pair_set,
+    choose_pair_set,
+    hard_negative_plan,
+    sample_lam,
+)
+
+MIXUPS = (None, "embedding", "feature", "input")
+BACKENDS = ("auto", "reference")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _implementation(backend: str, device: torch.device):
+    """The module that computes clean_loss / mixed_loss for this backend and device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    return reference
+
+
+def _check_tensor(name: str, x, ndim: int, shape_hint: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape_hint}, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have shape {shape_hint}, got {tuple(x.shape)}")
+
+
+def _check_like(name: str, x: torch.Tensor, embeddings: torch.Tensor, dtype: bool = True) -> None:
+    if x.device != embeddings.device:
+        raise ValueError(f"{name} is on {x.device} but embeddings are on {embeddings.device}; expected the same device")
+    if dtype and x.dtype != embeddings.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but embeddings have {embeddings.dtype}; expected the same dtype")
+
+
+def validate(embeddings, labels, row, proxies, mixup, features, head, inputs, model) -> None:
+    """Raise a clear ValueError / TypeError for anything metrix_loss cannot take."""
+    _check_tensor("embeddings", embeddings, 2, "[B, d]")
+    if embeddings.dtype not in _FLOATS:
+        raise TypeError(f"embeddings must be floating point ({', '.join(map(str, _FLOATS))}), got {embeddings.dtype}")
+    b, d = embeddings.shape
+    if b < 1 or d < 1:
+        raise ValueError(f"embeddings must have at least one example and one dimension, got {tuple(embeddings.shape)}")
+    _check_tensor("labels", labels, 1, f"[B] = [{b}]")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
+    if labels.shape[0] != b:
+        raise ValueError(f"labels must have one entry per embedding: expected [{b}], got {tuple(labels.shape)}")
+    _check_like("labels", labels, embeddings, dtype=False)
+    if row.uses_proxies:
+        if proxies is None:
+            raise ValueError(f"loss {row.name!r} needs proxies: pass proxies=[num_classes, {d}] or use MetrixLoss")
+        _check_tensor("proxies", proxies, 2, f"[num_classes, {d}]")
+        if proxies.shape[1] != d:
+            raise ValueError(f"proxies must have shape [num_classes, {d}], got {tuple(proxies.shape)}")
+        _check_like("proxies", proxies, embeddings)
+        minimum = 2 if row.candidates == "proxies" else 1
+        if proxies.shape[0] < minimum:
+            raise ValueError(f"loss {row.name!r} needs at least {minimum} proxies, got {proxies.shape[0]}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= proxies.shape[0]):
+            raise ValueError(
+                f"labels must lie in [0, {proxies.shape[0]}) to index the proxies, "
+                f"got values in [{int(labels.min())}, {int(labels.max())}]"
+            )
+    elif proxies is not None:
+        raise ValueError(f"loss {row.name!r} takes no proxies")
+    if mixup not in MIXUPS:
+        raise ValueError(f"unknown mixup {mixup!r}; expected one of {list(MIXUPS)}")
+    if mixup == "feature":
+        _check_tensor("features", features, 4, f"[B, C, H, W] with B = {b}")
+        if features.shape[0] != b:
+            raise ValueError(f"features must have one map per embedding: expected B = {b}, got {tuple(features.shape)}")
+        _check_like("features", features, embeddings, dtype=False)
+        if not callable(head):
+            raise TypeError("mixup='feature' needs head: a callable from pooled features [M, C] to embeddings [M, d]")
+    if mixup == "input":
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or inputs.shape[0] != b:
+            got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ValueError(f"mixup='input' needs inputs: a tensor [B = {b}, ...], got {got}")
+        if not callable(model):
+            raise TypeError("mixup='input' needs model: a callable from inputs [M, ...] to embeddings [M, d]")
+
+
+def _check_options(lam, mix_alpha, weight, hard_negatives) -> None:
+    if lam is not None and not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
+        raise ValueError(f"lam must be None (drawn from Beta(mix_alpha, mix_alpha)) or a number in [0, 1], got {lam!r}")
+    if not (isinstance(mix_alpha, (int, float)) and mix_alpha > 0 and math.isfinite(mix_alpha)):
+        raise ValueError(f"mix_alpha must be a finite number > 0, got {mix_alpha!r}")
+    if not (isinstance(weight, (int, float)) and weight >= 0 and math.isfinite(weight)):
+        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+    if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 1:
+        raise ValueError(f"hard_negatives must be an int >= 1, got {hard_negatives!r}")
+
+
+def plan_mixing(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    mixup: str,
+    pairs: str,
+    lam: Optional[float],
+    mix_alpha: float,
+    label_mode: str,
+    hard_negatives: int,
+    generator: Optional[torch.Generator],
+) -> MixPlan:
+    """Draw the pair set and lam of this call and list the pairs to mix."""
+    pair_set = choose_pair_set(pairs, generator)
+    lam = float(lam) if lam is not None else sample_lam(mix_alpha, generator)
+    if mixup == "input":
+        return hard_negative_plan(embeddings, labels, pair_set, lam, label_mode, hard_negatives)
+    i, j = batch_pairs(labels, pair_set)
+    return MixPlan(i, j, lam, pair_set, label_mode)
+
+
+def metrix_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: str = "multi_similarity",
+    mixup: Optional[str] = "embedding",
+    pairs: str = DEFAULT_PAIRS,
+    lam: Optional[float] = None,
+    mix_alpha: float = 2.0,
+    weight: float = 0.4,
+    proxies: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    generator: Optional[torch.Generator] = None,
+    features: Optional[torch.Tensor] = None,
+    head: Optional[Callable] = None,
+    inputs: Optional[torch.Tensor] = None,
+    model: Optional[Callable] = None,
+    label_mode: str = "interpolate",
+    hard_negatives: int = 3,
+    **loss_params,
+) -> torch.Tensor:
+    """The Metrix error function E = clean loss + weight * mixed loss (paper eq. 10).
+
+    embeddings [B, d] (any scale: similarities are cosine), labels [B] integer classes.
+    loss: a row of ``metrix_kernels.family.FAMILY``; its hyperparameters go in ``loss_params``
+    (pytorch-metric-learning's names and defaults where PML has the loss).
+    mixup: None (clean loss only), "embedding", "feature" (also features [B, C, H, W] and head:
+    pooled [M, C] -> [M, d]) or "input" (also inputs [B, ...] and model: inputs -> embeddings).
+    pairs: "pos-neg", "anc-neg", "pos-pos", "neg-neg" or "pos-neg/anc-neg" (one drawn per call).
+    lam: fixed interpolation factor, or None to draw lam ~ Beta(mix_alpha, mix_alpha) per call.
+    label_mode: "interpolate" (Metrix), "negative" (MoCHi-style) or "dominant" (no interpolation).
+    hard_negatives: input mixup's negatives per anchor. proxies: [num_classes, d] for proxy losses.
+    """
+    row, terms, _ = resolve(loss, loss_params)
+    validate(embeddings, labels, row, proxies, mixup, features, head, inputs, model)
+    check_pair_set(pairs)
+    check_label_mode(label_mode)
+    _check_options(lam, mix_alpha, weight, hard_negatives)
+    impl = _implementation(backend, embeddings.device)
+
+    clean = impl.clean_loss(row, terms, embeddings, labels, proxies)
+    if mixup is None:
+        return clean
+    plan = plan_mixing(embeddings, labels, mixup, pairs, lam, mix_alpha, label_mode, hard_negatives, generator)
+    mixed = impl.mixed_loss(
+        row, terms, embeddings, labels, proxies, plan,
+        impl.mixed_embeddings(mixup, plan, embeddings, features, head, inputs, model),
+    )
+    return clean + weight * mixed
+
+
+class MetrixLoss(torch.nn.Module):
+    """metrix_loss as a module. Proxy losses own their proxies (num_classes x embedding_size).
+
+    Proxies are initialized like PML's and the Proxy Anchor paper's (Kaiming normal, fan_out);
+    give them a larger learning rate (the recipe uses 100x).
+    """
+
+    def __init__(
+        self,
+        loss: str = "multi_similarity",
+        mixup: Optional[str] = "embedding",
+        pairs: str = DEFAULT_PAIRS,
+        lam: Optional[float] = None,
+        mix_alpha: float = 2.0,
+        weight: float = 0.4,
+        num_classes: Optional[int] = None,
+        embedding_size: Optional[int] = None,
+        backend: str = "auto",
+        label_mode: str = "interpolate",
+        hard_negatives: int = 3,
+        **loss_params,
+    ):
+        super().__init__()
+        row, _, self.loss_params = resolve(loss, loss_params)
+        if mixup not in MIXUPS:
+            raise ValueError(f"unknown mixup {mixup!r}; expected one of {list(MIXUPS)}")
+        check_pair_set(pairs)
+        check_label_mode(label_mode)
+        _check_options(lam, mix_alpha, weight, hard_negatives)
+        _implementation(backend, torch.device("cpu"))
+        self.loss, self.mixup, self.pairs, self.lam = loss, mixup, pairs, lam
+        self.mix_alpha, self.weight, self.backend = mix_alpha, weight, backend
+        self.label_mode, self.hard_negatives = label_mode, hard_negatives
+        if row.uses_proxies:
+            for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"loss {loss!r} owns proxies: {name} must be a positive int, got {value!r}")
+            self.proxies = torch.nn.Parameter(torch.empty(num_classes, embedding_size))
+            torch.nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+        else:
+            self.register_parameter("proxies", None)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        features: Optional[torch.Tensor] = None,
+        head: Optional[Callable] = None,
+        inputs: Optional[torch.Tensor] = None,
+        model: Optional[Callable] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        proxies = None if self.proxies is None else self.proxies.to(embeddings.dtype)
+        return metrix_loss(
+            embeddings, labels, loss=self.loss, mixup=self.mixup, pairs=self.pairs, lam=self.lam,
+            mix_alpha=self.mix_alpha, weight=self.weight, proxies=proxies, backend=self.backend,
+            generator=generator, features=features, head=head, inputs=inputs, model=model,
+            label_mode=self.label_mode, hard_negatives=self.hard_negatives, **self.loss_params,
+        )
+
+    def extra_repr(self) -> str:
+        return f"loss={self.loss!r}, mixup={self.mixup!r}, pairs={self.pairs!r}, weight={self.weight}"
