@@ -168,10 +168,7 @@ def metrix_loss(
     if mixup is None:
         return clean
     plan = plan_mixing(embeddings, labels, mixup, pairs, lam, mix_alpha, label_mode, hard_negatives, generator)
-    mixed = impl.mixed_loss(
-        row, terms, embeddings, labels, proxies, plan,
-        impl.mixed_embeddings(mixup, plan, embeddings, features, head, inputs, model),
-    )
+    mixed = impl.mixed_loss(row, terms, embeddings, labels, proxies, plan, mixup, features, head, inputs, model)
     return clean + weight * mixed
 
 

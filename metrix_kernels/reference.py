@@ -119,10 +119,14 @@ def mixed_loss(
     labels: torch.Tensor,
     proxies: Optional[torch.Tensor],
     plan: MixPlan,
-    mixed: torch.Tensor,
+    mixup: str = "embedding",
+    features: Optional[torch.Tensor] = None,
+    head: Optional[Callable] = None,
+    inputs: Optional[torch.Tensor] = None,
+    model: Optional[Callable] = None,
 ) -> torch.Tensor:
-    """The mixed loss (eq. 9) over the mixed embeddings ``mixed`` [M, d] of ``plan``."""
-    m = normalize(mixed)
+    """The mixed loss (eq. 9) over the mixed examples of ``plan``, materialized."""
+    m = normalize(mixed_embeddings(mixup, plan, embeddings, features, head, inputs, model))
     label_i, label_j = labels[plan.i], labels[plan.j]
     if row.candidates == "proxies":
         # the mixed embedding is the anchor; proxy c has label lam [y_i = c] + (1 - lam) [y_j = c]
