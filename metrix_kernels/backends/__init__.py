@@ -1,0 +1,69 @@
+"""Fused backends: the kernel contract every backend (triton, cpu, cuda) implements.
+
+The ops layer (``metrix_kernels.ops``) owns the autograd.Functions and calls a backend module
+through the functions below. A backend never imports the api. All embeddings reaching a backend
+are already L2-normalized and contiguous; statistics are float32 whatever the input dtype.
+
+Per-row statistics (``family.TermStats``), returned as one float32 tensor ``stats`` [6, R]:
+    0 pos_sum   sum_v w_pos * sigma_pos(x)    (log of it where sigma_pos.form == "exp"; -inf if empty)
+    1 neg_sum   the same for the negative term
+    2 pos_mass  sum_v w_pos          3 neg_mass  sum_v w_neg
+    4 pos_nnz   #{v: w_pos > 0 and sigma_pos(x) > 0}   5 neg_nnz  (only needed when cfg.count_nonzero)
+with x = sigma.scale * t(s) + sigma.shift, t in {s, d = sqrt(max(2 - 2s, 0)), d2 = max(2 - 2s, 0)}
+and the derivative of d taken as 0 where d = 0.
+
+Pair weights. One side of a pair may be a mixed example with pair labels (label_i, label_j) and
+index i; the other side is clean with label z and batch index a (-1 for a proxy). The soft label is
+    interpolate: y = lam [label_i == z] + (1 - lam) [label_j == z]
+    negative:    y = 0
+    dominant:    y = [label_i == z] if lam >= 0.5 else [label_j == z]
+Clean pairs are the special case label_i == label_j, lam = 1. Membership (rule codes below) says
+whether a pair counts at all:  w_pos = member * y,  w_neg = member * (1 - y).
+
+Functions (R rows reduced over V columns):
+    pairwise_forward(rows, row_label_i, row_label_j, row_index,
+                     cols, col_label_i, col_label_j, col_index, lam, cfg, member_mask=None) -> stats
+    pairwise_backward(<the same inputs>, stats, grad_pos_sum, grad_neg_sum) -> (grad_rows, grad_cols)
+        s = <row, col>. cfg.mixed_rows says which side carries the pair labels. member_mask, when
+        given, is an explicit bool [R, V] membership (input mixup's per-anchor hard negatives).
+    gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg) -> stats
+    gram_mixed_backward(<the same inputs>, stats, grad_pos_sum, grad_neg_sum) -> (grad_anchors, grad_emb)
+        Embedding mixup without mixed embeddings: candidates are the pairs (i, j) of ``emb``
+        (ordered i != j for pos-neg / anc-neg, i < j for pos-pos / neg-neg), with
+        s(a, ij) = (lam <a, e_i> + (1 - lam) <a, e_j>) / n_ij,
+        n_ij = max(sqrt(lam^2 + (1 - lam)^2 + 2 lam (1 - lam) <e_i, e_j>), 1e-12).
+    mixpool_forward(features [B, C, H, W], i [M], j [M], lam) -> (pooled [M, C], argmax [M, C] int32)
+    mixpool_backward(grad_pooled [M, C], features, i, j, lam, argmax) -> grad_features [B, C, H, W]
+        pooled = mean_hw(m) + max_hw(m) of m = lam * f_i + (1 - lam) * f_j, m never materialized.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..family import Sigma
+
+# membership rules (SPEC 1.3 and pairs.rule_member); z = the clean side's label, a its index
+MEMBER_ALL = 0  # every pair (proxy anchors or proxy candidates, clean)
+MEMBER_ALL_BUT_SELF = 1  # clean examples against themselves: col_index != row_index
+MEMBER_POS_NEG = 2  # label_i == z, label_j != z
+MEMBER_ANC_NEG = 3  # i == a, label_j != z   (the ops layer maps it to POS_NEG for proxy anchors)
+MEMBER_POS_POS = 4  # label_i == z, label_j == z
+MEMBER_NEG_NEG = 5  # label_i != z, label_j != z
+MEMBER_RULES = {
+    "pos-neg": MEMBER_POS_NEG,
+    "anc-neg": MEMBER_ANC_NEG,
+    "pos-pos": MEMBER_POS_POS,
+    "neg-neg": MEMBER_NEG_NEG,
+}
+
+LABEL_INTERPOLATE, LABEL_NEGATIVE, LABEL_DOMINANT = 0, 1, 2
+LABEL_CODES = {"interpolate": LABEL_INTERPOLATE, "negative": LABEL_NEGATIVE, "dominant": LABEL_DOMINANT}
+
+
+class KernelConfig(NamedTuple):
+    sigma_pos: Sigma
+    sigma_neg: Sigma
+    member: int
+    label_mode: int = LABEL_INTERPOLATE
+    mixed_rows: bool = False
+    count_nonzero: bool = False
