@@ -51,7 +51,12 @@ class Sigma:
             return torch.exp(x)
         if self.form == "hinge":
             return torch.relu(x)
-        return torch.nn.functional.softplus(x)
+        return _softplus(x)
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)), exact in float64 (torch's softplus returns x itself above x = 20)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 @dataclass(frozen=True)
@@ -272,7 +277,7 @@ def _rho(rho: Rho, sigma: Sigma, total: torch.Tensor, mass: torch.Tensor) -> tor
         value = {
             "identity": lambda t: torch.exp(t),
             "log": lambda t: t,
-            "log1p": lambda t: torch.nn.functional.softplus(t),
+            "log1p": _softplus,
             "neglog": lambda t: -t,
         }[rho.form](safe)
     else:
@@ -294,7 +299,7 @@ def _tau(form: str, x: torch.Tensor) -> torch.Tensor:
         return x
     if form == "relu":
         return torch.relu(x)
-    return torch.nn.functional.softplus(x)
+    return _softplus(x)
 
 
 def assemble(row: LossRow, terms: Terms, stats: TermStats) -> torch.Tensor:
