@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import reference
+from . import distributed, reference
 from .family import loss_row, resolve
 from .pairs import (
     DEFAULT_PAIRS,
@@ -114,10 +114,13 @@ def plan_mixing(
     label_mode: str,
     hard_negatives: int,
     generator: Optional[torch.Generator],
+    group=None,
 ) -> MixPlan:
-    """Draw the pair set and lam of this call and list the pairs to mix."""
+    """Draw the pair set and lam of this call (rank 0's under a process group) and list the pairs to mix."""
     pair_set = choose_pair_set(pairs, generator)
     lam = float(lam) if lam is not None else sample_lam(mix_alpha, generator)
+    if group is not None:
+        pair_set, lam = distributed.agree(pair_set, lam, group, embeddings.device)
     if mixup == "input":
         return hard_negative_plan(embeddings, labels, pair_set, lam, label_mode, hard_negatives)
     i, j = batch_pairs(labels, pair_set)
@@ -143,6 +146,7 @@ def metrix_loss(
     model: Optional[Callable] = None,
     label_mode: str = "interpolate",
     hard_negatives: int = 3,
+    process_group=None,
     **loss_params,
 ) -> torch.Tensor:
     """The Metrix error function E = clean loss + weight * mixed loss (paper eq. 10).
@@ -156,6 +160,8 @@ def metrix_loss(
     lam: fixed interpolation factor, or None to draw lam ~ Beta(mix_alpha, mix_alpha) per call.
     label_mode: "interpolate" (Metrix), "negative" (MoCHi-style) or "dominant" (no interpolation).
     hard_negatives: input mixup's negatives per anchor. proxies: [num_classes, d] for proxy losses.
+    process_group: None, "world" or a torch.distributed ProcessGroup: the loss of the batch gathered
+    from all its ranks, identical on every rank (a collective; see ``metrix_kernels.distributed``).
     """
     row, terms, _ = resolve(loss, loss_params)
     validate(embeddings, labels, row, proxies, mixup, features, head, inputs, model)
@@ -163,11 +169,16 @@ def metrix_loss(
     check_label_mode(label_mode)
     _check_options(lam, mix_alpha, weight, hard_negatives)
     impl = _implementation(backend, embeddings.device)
+    group = distributed.resolve_group(process_group)
+    if group is not None:
+        embeddings, labels, features, head, inputs, model = distributed.gather_batch(
+            group, mixup, embeddings, labels, features, head, inputs, model
+        )
 
     clean = impl.clean_loss(row, terms, embeddings, labels, proxies)
     if mixup is None:
         return clean
-    plan = plan_mixing(embeddings, labels, mixup, pairs, lam, mix_alpha, label_mode, hard_negatives, generator)
+    plan = plan_mixing(embeddings, labels, mixup, pairs, lam, mix_alpha, label_mode, hard_negatives, generator, group)
     mixed = impl.mixed_loss(row, terms, embeddings, labels, proxies, plan, mixup, features, head, inputs, model)
     return clean + weight * mixed
 
@@ -176,7 +187,7 @@ class MetrixLoss(torch.nn.Module):
     """metrix_loss as a module. Proxy losses own their proxies (num_classes x embedding_size).
 
     Proxies are initialized like PML's and the Proxy Anchor paper's (Kaiming normal, fan_out);
-    give them a larger learning rate (the recipe uses 100x).
+    give them a larger learning rate (the recipe uses 100x). process_group: see metrix_loss.
     """
 
     def __init__(
@@ -192,6 +203,7 @@ class MetrixLoss(torch.nn.Module):
         backend: str = "auto",
         label_mode: str = "interpolate",
         hard_negatives: int = 3,
+        process_group=None,
         **loss_params,
     ):
         super().__init__()
@@ -202,6 +214,8 @@ class MetrixLoss(torch.nn.Module):
         check_label_mode(label_mode)
         _check_options(lam, mix_alpha, weight, hard_negatives)
         _implementation(backend, torch.device("cpu"))
+        distributed.check_group(process_group)
+        self.process_group = process_group
         self.loss, self.mixup, self.pairs, self.lam = loss, mixup, pairs, lam
         self.mix_alpha, self.weight, self.backend = mix_alpha, weight, backend
         self.label_mode, self.hard_negatives = label_mode, hard_negatives
@@ -230,7 +244,8 @@ class MetrixLoss(torch.nn.Module):
             embeddings, labels, loss=self.loss, mixup=self.mixup, pairs=self.pairs, lam=self.lam,
             mix_alpha=self.mix_alpha, weight=self.weight, proxies=proxies, backend=self.backend,
             generator=generator, features=features, head=head, inputs=inputs, model=model,
-            label_mode=self.label_mode, hard_negatives=self.hard_negatives, **self.loss_params,
+            label_mode=self.label_mode, hard_negatives=self.hard_negatives, process_group=self.process_group,
+            **self.loss_params,
         )
 
     def extra_repr(self) -> str:
