@@ -1,0 +1,20 @@
+"""The Triton backend (backends contract): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .gram import gram_mixed_backward, gram_mixed_forward
+from .mixpool import mixpool_backward, mixpool_forward
+from .pairwise import pairwise_backward, pairwise_forward
+
+__all__ = [
+    "available", "gram_mixed_backward", "gram_mixed_forward", "mixpool_backward", "mixpool_forward",
+    "pairwise_backward", "pairwise_forward",
+]
+
+
+def available(device: torch.device) -> bool:
+    """Compiled kernels need a CUDA device; the interpreter runs them on CPU tensors."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,166 @@
+"""Device helpers shared by the Triton kernels: pair weights, sigma, and the per-row term reductions.
+
+Codes are compile-time constants (tl.constexpr) so that each loss compiles to its own kernel:
+    FORM  0 exp (term kept in log space), 1 hinge, 2 softplus
+    OF    0 s, 1 d = sqrt(max(2 - 2s, 0)), 2 d2 = max(2 - 2s, 0)
+    MEMBER as in metrix_kernels.backends; NEGATIVE for label_mode "negative".
+Reductions over a tile go over every axis but the first (the row / anchor axis): tiles are 2-D for
+pairwise kernels and 3-D (anchor x i x j) for the Gram kernels, hence the THREE_D flags.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...family import Sigma
+from .. import LABEL_DOMINANT
+
+FORMS = {"exp": 0, "hinge": 1, "softplus": 2}
+INPUTS = {"s": 0, "d": 1, "d2": 2}
+MIN_BLOCK = 16  # tl.dot's smallest tile side
+
+
+def sigma_codes(sigma: Sigma) -> tuple[int, int, float, float]:
+    return FORMS[sigma.form], INPUTS[sigma.of], float(sigma.scale), float(sigma.shift)
+
+
+def padded_dim(d: int) -> int:
+    return max(MIN_BLOCK, triton.next_power_of_2(d))
+
+
+def label_factor(lam: float, label_mode: int) -> float:
+    """The label's weight on the first member of a pair: lam when interpolating; 1 or 0 for
+    "dominant" (the pair is labelled by its dominant example); unused for "negative"."""
+    if label_mode == LABEL_DOMINANT:
+        return 1.0 if lam >= 0.5 else 0.0
+    return float(lam)
+
+
+def dot_precision(dtype) -> str:
+    # fp32 inputs stay exact (the reference is exact fp32); half inputs use tensor cores anyway.
+    return "ieee" if dtype.itemsize >= 4 else "tf32"
+
+
+@triton.jit
+def row_sum(t, THREE_D: tl.constexpr):
+    if THREE_D:
+        return tl.sum(tl.sum(t, axis=2), axis=1)
+    else:
+        return tl.sum(t, axis=1)
+
+
+@triton.jit
+def row_max(t, THREE_D: tl.constexpr):
+    if THREE_D:
+        return tl.max(tl.max(t, axis=2), axis=1)
+    else:
+        return tl.max(t, axis=1)
+
+
+@triton.jit
+def expand(v, THREE_D: tl.constexpr):
+    """A per-row vector broadcast against a tile."""
+    if THREE_D:
+        return v[:, None, None]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def pair_weights(z, a, li, lj, mi, label_lam, valid, MEMBER: tl.constexpr, NEGATIVE: tl.constexpr):
+    """(w_pos, w_neg) of pairs between a clean side (label z, index a) and a mixed side (labels li, lj,
+    index mi); clean pairs are li == lj. Arguments broadcast to the tile. The soft label is
+    label_lam [li == z] + (1 - label_lam) [lj == z] (see label_factor), or 0 when NEGATIVE."""
+    pi = li == z
+    pj = lj == z
+    if NEGATIVE:
+        y = 0.0 * pi.to(tl.float32) + 0.0 * pj.to(tl.float32)
+    else:
+        y = label_lam * pi.to(tl.float32) + (1.0 - label_lam) * pj.to(tl.float32)
+    if MEMBER == 0:
+        member = valid
+    elif MEMBER == 1:
+        member = valid & (mi != a)
+    elif MEMBER == 2:
+        member = valid & pi & (pj == 0)
+    elif MEMBER == 3:
+        member = valid & (mi == a) & (pj == 0)
+    elif MEMBER == 4:
+        member = valid & pi & pj
+    else:
+        member = valid & (pi == 0) & (pj == 0)
+    return tl.where(member, y, 0.0), tl.where(member, 1.0 - y, 0.0)
+
+
+@triton.jit
+def sigma_x(s, scale, shift, OF: tl.constexpr):
+    """x = scale * t(s) + shift."""
+    if OF == 0:
+        t = s
+    elif OF == 1:
+        t = tl.sqrt(tl.maximum(2.0 - 2.0 * s, 0.0))
+    else:
+        t = tl.maximum(2.0 - 2.0 * s, 0.0)
+    return scale * t + shift
+
+
+@triton.jit
+def sigma_dx(s, scale, OF: tl.constexpr):
+    """dx/ds, with the derivative of d taken as 0 where d = 0."""
+    u = 2.0 - 2.0 * s
+    if OF == 0:
+        g = scale + 0.0 * s
+    elif OF == 1:
+        d = tl.sqrt(tl.where(u > 0, u, 1.0))
+        g = tl.where(u > 0, -scale / d, 0.0)
+    else:
+        g = tl.where(u > 0, -2.0 * scale, 0.0)
+    return g
+
+
+@triton.jit
+def term_update(m, total, mass, nnz, x, w, FORM: tl.constexpr, THREE_D: tl.constexpr):
+    """Fold a tile of arguments x with weights w into a row's running term statistics.
+
+    exp: online log-sum-exp (m running max of used x, total = sum w exp(x - m)); else a plain sum."""
+    used = w > 0
+    if FORM == 0:
+        m_new = tl.maximum(m, row_max(tl.where(used, x, float("-inf")), THREE_D))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.where(used, w * tl.exp(x - expand(m_safe, THREE_D)), 0.0)
+        total = total * tl.exp(m - m_safe) + row_sum(p, THREE_D)
+        m = m_new
+        counted = used
+    else:
+        if FORM == 1:
+            value = tl.maximum(x, 0.0)
+        else:
+            value = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+        total = total + row_sum(tl.where(used, w * value, 0.0), THREE_D)
+        counted = used & (value > 0)
+    mass = mass + row_sum(w, THREE_D)
+    nnz = nnz + row_sum(counted.to(tl.float32), THREE_D)
+    return m, total, mass, nnz
+
+
+@triton.jit
+def term_value(m, total, FORM: tl.constexpr):
+    """The term sum: log(total) + m for exp (-inf when empty), total otherwise."""
+    if FORM == 0:
+        out = tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    else:
+        out = total
+    return out
+
+
+@triton.jit
+def term_grad(x, w, value, FORM: tl.constexpr):
+    """d(term sum)/dx per pair, value = the row's term sum broadcast to the tile."""
+    if FORM == 0:
+        safe = tl.where(value == float("-inf"), 0.0, value)
+        g = tl.where(w > 0, w * tl.exp(x - safe), 0.0)
+    elif FORM == 1:
+        g = tl.where(x > 0, w, 0.0)
+    else:
+        g = w * tl.sigmoid(x)
+    return g

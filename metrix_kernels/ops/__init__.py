@@ -1,0 +1,118 @@
+"""The fused loss: reference.clean_loss / reference.mixed_loss rebuilt from fused ops + family.assemble.
+
+Each op (pairwise, gram, mixpool) is a torch.library custom op with a fake implementation and an
+autograd formula, and runs on the backend module named by ``backend`` (backends contract).
+Nothing of size B x B or larger is allocated here, except the [M, d] mixed rows that proxy-candidate
+losses need under embedding mixup (``_mixed_rows``) and input mixup's explicit [B, M] member mask.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import (
+    MEMBER_ALL,
+    MEMBER_ALL_BUT_SELF,
+    MEMBER_ANC_NEG,
+    MEMBER_POS_NEG,
+    MEMBER_RULES,
+    LABEL_CODES,
+    KernelConfig,
+)
+from ..family import LossRow, Terms, TermStats, assemble
+from ..pairs import MixPlan
+from .gram import gram_mixed
+from .mixpool import mixpool
+from .pairwise import pairwise
+
+__all__ = ["clean_loss", "gram_mixed", "mixed_loss", "mixpool", "pairwise"]
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    # backends take float32 / float16 / bfloat16; float64 is computed in float32
+    return F.normalize(x.float() if x.dtype == torch.float64 else x, dim=-1)
+
+
+def _config(row: LossRow, terms: Terms, member: int, plan: Optional[MixPlan] = None, mixed_rows=False):
+    return KernelConfig(
+        terms.sigma_pos, terms.sigma_neg, member,
+        label_mode=LABEL_CODES[plan.label_mode] if plan is not None else LABEL_CODES["interpolate"],
+        mixed_rows=mixed_rows, count_nonzero=row.reduction == "nonzero_pairs",
+    )
+
+
+def _assemble(row: LossRow, terms: Terms, stats: torch.Tensor, dtype) -> torch.Tensor:
+    pos_sum, neg_sum, *counts = stats
+    loss = assemble(row, terms, TermStats(pos_sum, neg_sum, *(c.detach() for c in counts)))
+    return loss.to(dtype)
+
+
+def _proxy_side(proxies: torch.Tensor):
+    classes = torch.arange(proxies.shape[0], device=proxies.device)
+    return _normalize(proxies), classes, torch.full_like(classes, -1)
+
+
+def clean_loss(row: LossRow, terms: Terms, embeddings, labels, proxies, backend: str) -> torch.Tensor:
+    """reference.clean_loss on a fused backend."""
+    e = _normalize(embeddings)
+    index = torch.arange(labels.shape[0], device=labels.device)
+    if row.anchors == "proxies":
+        p, classes, none = _proxy_side(proxies.to(e.dtype))
+        stats = pairwise(p, (classes, classes), none, e, (labels, labels), index, 1.0,
+                         _config(row, terms, MEMBER_ALL), backend)
+    elif row.candidates == "proxies":
+        p, classes, none = _proxy_side(proxies.to(e.dtype))
+        stats = pairwise(e, (labels, labels), index, p, (classes, classes), none, 1.0,
+                         _config(row, terms, MEMBER_ALL), backend)
+    else:
+        stats = pairwise(e, (labels, labels), index, e, (labels, labels), index, 1.0,
+                         _config(row, terms, MEMBER_ALL_BUT_SELF), backend)
+    return _assemble(row, terms, stats, embeddings.dtype)
+
+
+def _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend) -> torch.Tensor:
+    """The normalized [M, d] mixed embeddings (feature and input mixup; embedding mixup only for
+    proxy-candidate losses, whose anchors are the mixed examples themselves)."""
+    if mixup == "embedding":
+        e = _normalize(embeddings)
+        return _normalize(plan.lam * e[plan.i] + (1.0 - plan.lam) * e[plan.j])
+    if mixup == "feature":
+        return _normalize(head(mixpool(features, plan.i, plan.j, plan.lam, backend)))
+    return _normalize(model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]))
+
+
+def mixed_loss(
+    row: LossRow, terms: Terms, embeddings, labels, proxies, plan: MixPlan, mixup: str = "embedding",
+    features=None, head: Optional[Callable] = None, inputs=None, model: Optional[Callable] = None,
+    backend: str = "triton",
+) -> torch.Tensor:
+    """reference.mixed_loss on a fused backend."""
+    label_i, label_j = labels[plan.i], labels[plan.j]
+    if row.candidates == "proxies":
+        # the mixed examples are the anchors; every proxy is a candidate with a soft label
+        m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend)
+        p, classes, none = _proxy_side(proxies.to(m.dtype))
+        stats = pairwise(m, (label_i, label_j), plan.i, p, (classes, classes), none, plan.lam,
+                         _config(row, terms, MEMBER_ALL, plan, mixed_rows=True), backend)
+        return _assemble(row, terms, stats, embeddings.dtype)
+    rule = MEMBER_RULES[plan.pair_set]
+    if row.anchors == "proxies":
+        # a proxy stands for its whole class: anc-neg is pos-neg, and no per-anchor mask applies
+        anchors, anchor_labels, anchor_index = _proxy_side(proxies.to(_normalize(embeddings).dtype))
+        rule = MEMBER_POS_NEG if rule == MEMBER_ANC_NEG else rule
+        member_mask = None
+    else:
+        anchors = _normalize(embeddings)
+        anchor_labels = labels
+        anchor_index = torch.arange(labels.shape[0], device=labels.device)
+        member_mask = plan.member
+    cfg = _config(row, terms, rule, plan)
+    if mixup == "embedding" and member_mask is None:
+        stats = gram_mixed(anchors, anchor_labels, anchor_index, _normalize(embeddings), labels, plan.lam, cfg, backend)
+    else:
+        m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend)
+        stats = pairwise(anchors, (anchor_labels, anchor_labels), anchor_index, m, (label_i, label_j), plan.i,
+                         plan.lam, cfg, backend, member_mask=member_mask)
+    return _assemble(row, terms, stats, embeddings.dtype)

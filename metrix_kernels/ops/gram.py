@@ -1,0 +1,64 @@
+"""The fused embedding-mixup op: per-anchor term statistics against all mixed pairs of a batch."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends import KernelConfig
+from ._dispatch import backend_module, flatten, unflatten
+
+
+@torch.library.custom_op("metrix::gram_mixed", mutates_args=())
+def _gram_mixed(
+    anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor, lam: float,
+    codes: list[int], scalars: list[float], flags: list[int], backend: str,
+) -> Tensor:
+    return backend_module(backend).gram_mixed_forward(
+        anchors, anchor_label, anchor_index, emb, labels, lam, unflatten(codes, scalars, flags)
+    )
+
+
+@_gram_mixed.register_fake
+def _(anchors, *args):
+    return anchors.new_empty((6, anchors.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("metrix::gram_mixed_backward", mutates_args=())
+def _gram_mixed_backward(
+    anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor, lam: float,
+    codes: list[int], scalars: list[float], flags: list[int], backend: str,
+    stats: Tensor, grad_pos_sum: Tensor, grad_neg_sum: Tensor,
+) -> tuple[Tensor, Tensor]:
+    return backend_module(backend).gram_mixed_backward(
+        anchors, anchor_label, anchor_index, emb, labels, lam, unflatten(codes, scalars, flags), stats,
+        grad_pos_sum, grad_neg_sum,
+    )
+
+
+@_gram_mixed_backward.register_fake
+def _(anchors, anchor_label, anchor_index, emb, *args):
+    return torch.empty_like(anchors), torch.empty_like(emb)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5], output)
+    ctx.scalars = inputs[5:]
+
+
+def _backward(ctx, grad_stats):
+    *tensors, stats = ctx.saved_tensors
+    grad = grad_stats.float()
+    grad_anchors, grad_emb = _gram_mixed_backward(*tensors, *ctx.scalars, stats, grad[0].contiguous(),
+                                                  grad[1].contiguous())
+    return grad_anchors, None, None, grad_emb, None, None, None, None, None, None
+
+
+_gram_mixed.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gram_mixed(anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor,
+               lam: float, cfg: KernelConfig, backend: str) -> Tensor:
+    """Statistics [6, A] of normalized anchors against every mix of normalized emb in cfg's pair set
+    (anchor_index -1 for proxies); no mixed embedding is formed."""
+    return _gram_mixed(anchors.contiguous(), anchor_label, anchor_index, emb.contiguous(), labels, float(lam),
+                       *flatten(cfg), backend)

@@ -1,0 +1,48 @@
+"""The fused feature-mixup op: pool(lam * f_i + (1 - lam) * f_j) for pairs (i, j), pooled = mean + max."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._dispatch import backend_module
+
+
+@torch.library.custom_op("metrix::mixpool", mutates_args=())
+def _mixpool(features: Tensor, i: Tensor, j: Tensor, lam: float, backend: str) -> tuple[Tensor, Tensor]:
+    return backend_module(backend).mixpool_forward(features, i, j, lam)
+
+
+@_mixpool.register_fake
+def _(features, i, j, lam, backend):
+    shape = (i.shape[0], features.shape[1])
+    return features.new_empty(shape), features.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("metrix::mixpool_backward", mutates_args=())
+def _mixpool_backward(grad_pooled: Tensor, features: Tensor, i: Tensor, j: Tensor, lam: float, argmax: Tensor,
+                      backend: str) -> Tensor:
+    return backend_module(backend).mixpool_backward(grad_pooled, features, i, j, lam, argmax)
+
+
+@_mixpool_backward.register_fake
+def _(grad_pooled, features, *args):
+    return torch.empty_like(features)
+
+
+def _setup_context(ctx, inputs, output):
+    features, i, j, lam, backend = inputs
+    ctx.save_for_backward(features, i, j, output[1])
+    ctx.lam, ctx.backend = lam, backend
+
+
+def _backward(ctx, grad_pooled, grad_argmax):
+    features, i, j, argmax = ctx.saved_tensors
+    return _mixpool_backward(grad_pooled, features, i, j, ctx.lam, argmax, ctx.backend), None, None, None, None
+
+
+_mixpool.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mixpool(features: Tensor, i: Tensor, j: Tensor, lam: float, backend: str) -> Tensor:
+    """Pooled mixed features [M, C] of [B, C, H, W] maps, the mixed maps never formed."""
+    return _mixpool(features.contiguous(), i.contiguous(), j.contiguous(), float(lam), backend)[0]

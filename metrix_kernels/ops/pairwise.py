@@ -1,0 +1,77 @@
+"""The fused pairwise op: per-row term statistics of rows x cols with in-kernel pair weights."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends import KernelConfig
+from ._dispatch import backend_module, flatten, unflatten
+
+
+@torch.library.custom_op("metrix::pairwise", mutates_args=())
+def _pairwise(
+    rows: Tensor, row_label_i: Tensor, row_label_j: Tensor, row_index: Tensor,
+    cols: Tensor, col_label_i: Tensor, col_label_j: Tensor, col_index: Tensor,
+    member_mask: Optional[Tensor], lam: float, codes: list[int], scalars: list[float], flags: list[int], backend: str,
+) -> Tensor:
+    return backend_module(backend).pairwise_forward(
+        rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index, lam,
+        unflatten(codes, scalars, flags), member_mask=member_mask,
+    )
+
+
+@_pairwise.register_fake
+def _(rows, *args):
+    return rows.new_empty((6, rows.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("metrix::pairwise_backward", mutates_args=())
+def _pairwise_backward(
+    rows: Tensor, row_label_i: Tensor, row_label_j: Tensor, row_index: Tensor,
+    cols: Tensor, col_label_i: Tensor, col_label_j: Tensor, col_index: Tensor,
+    member_mask: Optional[Tensor], lam: float, codes: list[int], scalars: list[float], flags: list[int], backend: str,
+    stats: Tensor, grad_pos_sum: Tensor, grad_neg_sum: Tensor,
+) -> tuple[Tensor, Tensor]:
+    return backend_module(backend).pairwise_backward(
+        rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index, lam,
+        unflatten(codes, scalars, flags), stats, grad_pos_sum, grad_neg_sum, member_mask=member_mask,
+    )
+
+
+@_pairwise_backward.register_fake
+def _(rows, row_label_i, row_label_j, row_index, cols, *args):
+    return torch.empty_like(rows), torch.empty_like(cols)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9], output)
+    ctx.scalars = inputs[9:]
+
+
+def _backward(ctx, grad_stats):
+    *tensors, stats = ctx.saved_tensors
+    grad = grad_stats.float()
+    grad_rows, grad_cols = _pairwise_backward(*tensors, *ctx.scalars, stats, grad[0].contiguous(),
+                                              grad[1].contiguous())
+    return grad_rows, None, None, None, grad_cols, None, None, None, None, None, None, None, None, None
+
+
+_pairwise.register_autograd(_backward, setup_context=_setup_context)
+
+
+def pairwise(
+    rows: Tensor, row_labels: tuple[Tensor, Tensor], row_index: Tensor,
+    cols: Tensor, col_labels: tuple[Tensor, Tensor], col_index: Tensor,
+    lam: float, cfg: KernelConfig, backend: str, member_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Statistics [6, R] (backends contract) of normalized rows against normalized cols.
+
+    *_labels are (label_i, label_j) of each side (equal for a clean side); gradients reach rows
+    and cols through the statistics' two term sums.
+    """
+    return _pairwise(
+        rows.contiguous(), *row_labels, row_index, cols.contiguous(), *col_labels, col_index,
+        member_mask, float(lam), *flatten(cfg), backend,
+    )
