@@ -1,7 +1,10 @@
 """metrix_loss and MetrixLoss: validate once, pick the backend, return clean + w * mixed (eq. 10)."""
 from __future__ import annotations
 
+import importlib
 import math
+from functools import partial
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -20,15 +23,50 @@ from .pairs import (
 )
 
 MIXUPS = (None, "embedding", "feature", "input")
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
+FUSED_BACKENDS = ("triton", "cpu", "cuda")  # modules of metrix_kernels.backends (their contract)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _implementation(backend: str, device: torch.device):
-    """The module that computes clean_loss / mixed_loss for this backend and device."""
+def _fused_available(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` imports and, if it says so through ``available(device)``, runs here."""
+    try:
+        module = importlib.import_module(f"metrix_kernels.backends.{name}")
+    except Exception:  # a missing package or an unbuilt extension: the backend is just absent
+        return False
+    check = getattr(module, "available", None)
+    return bool(check(device)) if callable(check) else True
+
+
+def _check_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
-    return reference
+
+
+def _implementation(backend: str, device: torch.device):
+    """The object whose clean_loss / mixed_loss compute the loss for this backend and device.
+
+    "auto": triton for CUDA tensors when triton imports, else the cpu backend when it reports itself
+    available, else the reference.
+    """
+    _check_backend(backend)
+    if backend == "reference":
+        return reference
+    if backend == "auto":
+        if device.type == "cuda" and _fused_available("triton", device):
+            backend = "triton"
+        elif _fused_available("cpu", device):
+            backend = "cpu"
+        else:
+            return reference
+    elif not _fused_available(backend, device):
+        usable = ["auto", "reference"] + [name for name in FUSED_BACKENDS if _fused_available(name, device)]
+        raise ValueError(f"backend {backend!r} is not available for {device} tensors; available: {usable}")
+    from . import ops
+
+    return SimpleNamespace(
+        clean_loss=partial(ops.clean_loss, backend=backend), mixed_loss=partial(ops.mixed_loss, backend=backend)
+    )
 
 
 def _check_tensor(name: str, x, ndim: int, shape_hint: str) -> None:
@@ -213,7 +251,7 @@ class MetrixLoss(torch.nn.Module):
         check_pair_set(pairs)
         check_label_mode(label_mode)
         _check_options(lam, mix_alpha, weight, hard_negatives)
-        _implementation(backend, torch.device("cpu"))
+        _check_backend(backend)  # availability depends on the tensors' device: checked per call
         distributed.check_group(process_group)
         self.process_group = process_group
         self.loss, self.mixup, self.pairs, self.lam = loss, mixup, pairs, lam
