@@ -6,7 +6,7 @@ and computes the same loss over the whole batch: anchors, candidates and mixed p
 all ranks. Proxies are replicated parameters and are not gathered.
 
 Gradient convention. ``gather``'s backward returns to each rank the SUM over ranks of the
-gradients of its own slice (a reduce-scatter). Every rank computes the same global loss L, so a
+gradients of its own slice (a reduce-scatter; an all-reduce on gloo). Every rank computes the same global loss L, so a
 rank's local embeddings receive world_size * dL/de_local. DistributedDataParallel then AVERAGES
 parameter gradients over ranks, which cancels the factor: the model's parameter gradients equal
 those of one process that computes L on the whole batch. Parameters used identically on every
@@ -83,9 +83,23 @@ class _Gather(torch.autograd.Function):
     def backward(ctx, grad):
         rank, rows = dist.get_rank(ctx.group), max(ctx.sizes)
         chunks = [_pad(g, rows) for g in grad.split(ctx.sizes)]
+        return _sum_over_ranks(chunks, rank, ctx.group)[: ctx.sizes[rank]], None, None
+
+
+def _reduce_scatter_ok(group) -> bool:
+    # gloo lacks reduce_scatter in older torch releases, and its newer one is an all_reduce per rank
+    return dist.get_backend(group) != "gloo"
+
+
+def _sum_over_ranks(chunks: list[torch.Tensor], rank: int, group) -> torch.Tensor:
+    """This rank's chunk of the sum over ranks of ``chunks`` (equal shapes)."""
+    if _reduce_scatter_ok(group):
         out = torch.empty_like(chunks[rank])
-        dist.reduce_scatter(out, chunks, group=ctx.group)  # the sum over ranks of each slice's gradient
-        return out[: ctx.sizes[rank]], None, None
+        dist.reduce_scatter(out, chunks, group=group)
+        return out
+    total = torch.stack(chunks)
+    dist.all_reduce(total, group=group)
+    return total[rank]
 
 
 def gather(x: torch.Tensor, group, sizes: Optional[Sequence[int]] = None) -> torch.Tensor:

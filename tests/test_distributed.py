@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from metrix_kernels import MetrixLoss, metrix_loss
+from metrix_kernels import distributed
 from metrix_kernels.distributed import gather
 from metrix_kernels.reference import pool
 
@@ -113,11 +114,16 @@ def _worker(rank, sizes, rendezvous, out):
     start = sum(sizes[:rank])
     mine = slice(start, start + sizes[rank])
     results = {name: run_case(name, x[mine], y[mine], rank, dist.group.WORLD) for name in CASES}
-    # slices of 0 rows, as when there are fewer mixed examples than ranks
-    mine_rows = torch.arange(float(rank + 1) * (rank != 1), dtype=torch.float64).repeat(2, 1).T.requires_grad_()
-    whole = gather(mine_rows, dist.group.WORLD)
-    (whole * torch.arange(whole.numel(), dtype=torch.float64).view_as(whole)).sum().backward()
-    results["gather"] = (whole.detach(), mine_rows.grad)
+    # slices of 0 rows, as when there are fewer mixed examples than ranks; gloo sums gradients
+    # with all_reduce, so the reduce_scatter that other backends use is forced for a second run
+    backend_choice = distributed._reduce_scatter_ok
+    for key, reduce_scatter in (("gather", False), ("gather/reduce_scatter", True)):
+        distributed._reduce_scatter_ok = lambda group: reduce_scatter
+        mine_rows = torch.arange(float(rank + 1) * (rank != 1), dtype=torch.float64).repeat(2, 1).T.requires_grad_()
+        whole = gather(mine_rows, dist.group.WORLD)
+        (whole * torch.arange(whole.numel(), dtype=torch.float64).view_as(whole)).sum().backward()
+        results[key] = (whole.detach(), mine_rows.grad)
+    distributed._reduce_scatter_ok = backend_choice
     # an explicit subgroup without rank 0: its first member (global rank 1) draws lam and the pairs
     sub = dist.new_group([1, len(sizes) - 1]) if len(sizes) > 2 else None
     if sub is not None and rank > 0:
@@ -162,13 +168,14 @@ def test_loss_and_gradients_equal_one_process(ranks, name):
     _check([r[name] for r in results], run_case(name, x, y, 0, None), sizes, len(sizes))
 
 
-def test_gather_with_empty_slices(ranks):
+@pytest.mark.parametrize("key", ["gather", "gather/reduce_scatter"])
+def test_gather_with_empty_slices(ranks, key):
     sizes, results = ranks
     world = len(sizes)
     counts = [(r + 1) * (r != 1) for r in range(world)]
     expected = torch.cat([torch.arange(float(n), dtype=torch.float64) for n in counts]).repeat(2, 1).T
     weights = torch.arange(expected.numel(), dtype=torch.float64).view_as(expected)
-    for rank, (whole, grad) in enumerate(results[r]["gather"] for r in range(world)):
+    for rank, (whole, grad) in enumerate(results[r][key] for r in range(world)):
         _close(whole, expected)
         start = sum(counts[:rank])
         _close(grad, world * weights[start : start + counts[rank]])
