@@ -5,20 +5,21 @@ feature or input mixup mixes), agrees on rank 0's random choices of the call (pa
 and computes the same loss over the whole batch: anchors, candidates and mixed pairs range over
 all ranks. Proxies are replicated parameters and are not gathered.
 
+The mixed forward through ``head`` (feature mixup) or ``model`` (input mixup) is the one
+expensive part that is not repeated on every rank: ``split_calls`` makes each rank run it on its
+share of the mixed examples and gathers the results.
+
 Gradient convention. ``gather``'s backward returns to each rank the SUM over ranks of the
-gradients of its own slice (a reduce-scatter; an all-reduce on gloo). Every rank computes the same global loss L, so a
-rank's local embeddings receive world_size * dL/de_local. DistributedDataParallel then AVERAGES
+gradients of its own slice (a reduce-scatter; an all-reduce on gloo). Every rank computes the
+same global loss L, so whatever a rank computed before a gather (its embeddings, feature maps,
+its share of the mixed forward) receives world_size * dL/d(it). DistributedDataParallel AVERAGES
 parameter gradients over ranks, which cancels the factor: the model's parameter gradients equal
-those of one process that computes L on the whole batch. Parameters used identically on every
-rank after the gather (proxies, a head applied to every mixed example) receive dL/dθ on every
-rank, which averaging leaves unchanged. In general the rule is DDP's own: the parameter
-gradients are those of the mean over ranks of the losses the ranks compute.
+those of one process that computes L on the whole batch. Proxies are used after the gather,
+identically on every rank, so they receive dL/dproxies on every rank, which averaging leaves
+unchanged. In general the rule is DDP's own: parameter gradients are those of the mean over
+ranks of the losses the ranks compute.
 
 Every call is a collective: all ranks of the group must call the loss, and its backward, together.
-
-The mixed forward through ``head`` (feature mixup) or ``model`` (input mixup) is the expensive
-part that is not replicated: ``split_calls`` makes each rank run it on its share of the mixed
-examples and gathers the results, with the same gradient convention.
 """
 from __future__ import annotations
 
@@ -127,8 +128,8 @@ def split_calls(fn: Callable[[torch.Tensor], torch.Tensor], group) -> Callable[[
 
     def split(x: torch.Tensor) -> torch.Tensor:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        shares = torch.arange(x.shape[0]).tensor_split(world)
-        sizes = [len(s) for s in shares]
+        share, extra = divmod(x.shape[0], world)
+        sizes = [share + (r < extra) for r in range(world)]
         start = sum(sizes[:rank])
         return gather(fn(x[start : start + sizes[rank]]), group, sizes)
 
