@@ -131,12 +131,17 @@ def validate(embeddings, labels, row, proxies, mixup, features, head, inputs, mo
             raise TypeError("mixup='input' needs model: a callable from inputs [M, ...] to embeddings [M, d]")
 
 
+def _is_number(x) -> bool:
+    """int or float, but not bool (a bool here is a mistake, not 0 or 1)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_options(lam, mix_alpha, weight, hard_negatives) -> None:
-    if lam is not None and not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
+    if lam is not None and not (_is_number(lam) and 0.0 <= lam <= 1.0):
         raise ValueError(f"lam must be None (drawn from Beta(mix_alpha, mix_alpha)) or a number in [0, 1], got {lam!r}")
-    if not (isinstance(mix_alpha, (int, float)) and mix_alpha > 0 and math.isfinite(mix_alpha)):
+    if not (_is_number(mix_alpha) and mix_alpha > 0 and math.isfinite(mix_alpha)):
         raise ValueError(f"mix_alpha must be a finite number > 0, got {mix_alpha!r}")
-    if not (isinstance(weight, (int, float)) and weight >= 0 and math.isfinite(weight)):
+    if not (_is_number(weight) and weight >= 0 and math.isfinite(weight)):
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
     if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 1:
         raise ValueError(f"hard_negatives must be an int >= 1, got {hard_negatives!r}")
