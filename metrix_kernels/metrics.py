@@ -116,7 +116,9 @@ def positivity_threshold(loss: str, lam: np.ndarray, **loss_params) -> Optional[
     For sigma_pos = exp(a_p s + b_p), sigma_neg = exp(a_n s + b_n) and rho = c log(1 + x) with
     c_p a_p = -c_n a_n, dl~/ds <= 0 iff lam e^(a_p s + b_p) >= (1 - lam) e^(a_n s + b_n), that is
     s <= (logit(lam) + b_p - b_n) / (a_n - a_p). Multi-similarity: base + logit(lam) / (alpha + beta);
-    proxy anchor: logit(lam) / (2 alpha). None for losses without this form.
+    proxy anchor: logit(lam) / (2 alpha). None for losses without this form. Like the paper's
+    derivation it considers one mixed embedding and ignores how the reduction weighs the two
+    terms (proxy anchor averages them over different numbers of proxies).
     """
     row, terms, _ = resolve(loss, loss_params)
     sp, sn, rp, rn = terms.sigma_pos, terms.sigma_neg, terms.rho_pos, terms.rho_neg

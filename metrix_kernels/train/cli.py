@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     add("--weight", type=float, help="mixup strength w of eq. 10")
     add("--mix-alpha", type=float, help="lam ~ Beta(mix_alpha, mix_alpha)")
     add("--hard-negatives", type=int, help="input mixup: hardest negatives per anchor")
+    add("--backend", default="auto", help="loss backend of metrix_loss: auto, reference, cpu, triton, cuda")
     add("--backbone", choices=BACKBONES)
     add("--pretrained", help="'imagenet' (torchvision's cache, no download), a .pth path, or 'none'")
     add("--embedding-size", type=int)
@@ -57,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     add("--grad-clip", type=float)
     add("--seed", type=int, default=0)
     add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+        help="deterministic kernels (needed for --resume to match an uninterrupted run)")
     add("--workers", type=int, default=0, help="data loading processes")
     add("--max-steps-per-epoch", type=int, help="cap steps per epoch (smoke tests)")
     add("--eval-every", type=int, help="Recall@K every N epochs")

@@ -45,6 +45,7 @@ class Config:
     label_mode: str = "interpolate"
     weight: float = 0.4
     mix_alpha: float = 2.0
+    backend: str = "auto"
     hard_negatives: int = 3
     backbone: str = "digits"
     pretrained: Optional[str] = "none"
@@ -63,6 +64,7 @@ class Config:
     lr_gamma: float = 0.5
     grad_clip: float = 10.0
     seed: int = 0
+    deterministic: bool = True  # deterministic kernels: a resumed run matches an uninterrupted one
     device: str = "auto"
     workers: int = 0
     max_steps_per_epoch: Optional[int] = None  # tiny smoke runs
@@ -137,7 +139,7 @@ class Trainer:
             cfg.loss, mixup=cfg.mixup, pairs=cfg.pairs, mix_alpha=cfg.mix_alpha, weight=cfg.weight,
             num_classes=self.splits.train.num_classes if proxies else None,
             embedding_size=cfg.embedding_size if proxies else None,
-            label_mode=cfg.label_mode, hard_negatives=cfg.hard_negatives, **cfg.loss_params,
+            backend=cfg.backend, label_mode=cfg.label_mode, hard_negatives=cfg.hard_negatives, **cfg.loss_params,
         ).to(self.device)
         groups = [{"params": list(self.model.parameters())}]
         if proxies:
@@ -172,6 +174,17 @@ class Trainer:
 
     def fit(self) -> Optional[dict]:
         """Train to the last epoch and evaluate; None when stopped early by stop_after_epoch."""
+        previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        if self.cfg.deterministic:
+            # CPU scatter-adds (backward of indexing) otherwise vary in the last bits between runs
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return self._fit()
+        finally:
+            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+    def _fit(self) -> Optional[dict]:
         cfg = self.cfg
         self.log.info(f"{cfg.dataset} / {cfg.loss} / {cfg.method} (mixup={cfg.mixup}) on {self.device}: "
                       f"{len(self.splits.train)} train, {len(self.splits.test)} test examples, out={self.out}")
