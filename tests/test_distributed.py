@@ -14,8 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from metrix_kernels import MetrixLoss, metrix_loss
-from metrix_kernels import distributed
+from metrix_kernels import MetrixLoss, distributed, metrix_loss
 from metrix_kernels.distributed import gather
 from metrix_kernels.reference import pool
 
@@ -66,7 +65,8 @@ def run_case(name, x, y, rank, group):
     torch.manual_seed(1)  # the same initial parameters on every process
     net = Net().double()
     proxies = nn.Parameter(torch.randn(CLASSES, DIM, dtype=torch.float64))
-    criterion = MetrixLoss(num_classes=CLASSES, embedding_size=DIM, process_group=group, **case).double()
+    world = "world" if group is not None and group is dist.group.WORLD else group  # the lazy default group
+    criterion = MetrixLoss(num_classes=CLASSES, embedding_size=DIM, process_group=world, **case).double()
     inner, rows = net, []
 
     def counted(fn):  # records how many mixed examples this process pushes through the network
