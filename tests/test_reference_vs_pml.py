@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from pytorch_metric_learning import losses as pml
 
@@ -84,10 +84,35 @@ def has_any_positive(labels):
 def test_clean_loss_matches_pml(name, data):
     batch = data.draw(batches(with_proxies=name.startswith("proxy")))
     params = data.draw(loss_params(name))
-    if name == "nca" and not has_any_positive(batch.labels):
-        return  # the documented divergence, tested in test_nca_without_positives_is_zero
+    # the documented divergence, tested in test_nca_without_positives_is_zero
+    assume(name != "nca" or has_any_positive(batch.labels) or len(batch.labels) == 1)
     loss_fn = pml_loss(name, params, batch.num_classes, batch.embeddings.shape[1])
     assert_same(ours(name, batch, params), theirs(loss_fn, batch))
+
+
+EDGE_LABELS = {
+    "one example": [0],
+    "one class": [1, 1, 1],
+    "pairs and an anchor without positives": [0, 0, 1, 1, 2],
+    "all distinct": [0, 1, 2, 3],
+}
+
+
+@pytest.mark.parametrize("labels", EDGE_LABELS.values(), ids=EDGE_LABELS.keys())
+@pytest.mark.parametrize(
+    "name", ["contrastive", "lifted_structure", "multi_similarity", "nca", "proxy_anchor", "proxy_nca_pp"]
+)
+def test_edge_conventions_match_pml(name, labels):
+    """Empty positive or negative sets, proxies without examples, B = 1: PML's value and gradients."""
+    if name == "nca" and labels == EDGE_LABELS["all distinct"]:
+        pytest.skip("PML gives NaN here: see test_nca_without_positives_is_zero")
+    gen = torch.Generator().manual_seed(2)
+    emb = torch.randn(len(labels), 3, generator=gen, dtype=torch.float64)
+    batch = Batch(emb, torch.tensor(labels), torch.randn(5, 3, generator=gen, dtype=torch.float64), 5)
+    if not name.startswith("proxy"):
+        batch = batch._replace(proxies=None)
+    params = {"temperature": 0.25} if name == "proxy_nca_pp" else {}
+    assert_same(ours(name, batch, params), theirs(pml_loss(name, params, 5, 3), batch))
 
 
 @given(batch=batches(min_size=2))
