@@ -47,9 +47,9 @@ def mixup_inputs(mixup, embeddings):
         return {"embeddings": emb}, [emb]
     gen = torch.Generator().manual_seed(0)
     b, dim = embeddings.shape
-    width = 3 if mixup == "feature" else 4
-    source = embeddings @ torch.randn(dim, 12 if mixup == "feature" else 4, generator=gen, dtype=torch.float64)
-    net = linear(width, dim, gen)
+    channels, size = (3, 12) if mixup == "feature" else (4, 4)
+    source = embeddings @ torch.randn(dim, size, generator=gen, dtype=torch.float64)
+    net = linear(channels, dim, gen)
     if mixup == "feature":
         features = source.reshape(b, 3, 2, 2).requires_grad_()
         kwargs = {"features": features, "head": net, "embeddings": net(reference.pool(features))}
@@ -113,7 +113,6 @@ def mixed_stats(name, batch, pair_set, lam):
     with mock.patch.object(reference, "term_stats", spy):
         reference.mixed_loss(row, terms, batch.embeddings, batch.labels, batch.proxies, plan)
     return captured[0]
-
 
 
 @pytest.mark.parametrize("name", EXAMPLE_CANDIDATES)
@@ -291,6 +290,21 @@ def test_degenerate_batches_are_finite(name, mixup, pair_set):
             grads = torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
             assert torch.isfinite(value), (case, lam)
             assert all(torch.isfinite(g).all() for g in grads), (case, lam)
+
+
+@pytest.mark.parametrize("label_mode", ["negative", "dominant"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_degenerate_batches_are_finite_in_the_table_3_label_modes(name, label_mode):
+    gen = torch.Generator().manual_seed(5)
+    proxies = torch.randn(5, 3, generator=gen, dtype=torch.float64) if FAMILY[name].uses_proxies else None
+    for case, labels in DEGENERATE.items():
+        emb = torch.randn(len(labels), 3, generator=gen, dtype=torch.float64)
+        for pair_set in PAIR_SETS:
+            value, leaves = total_loss(
+                name, "embedding", emb, torch.tensor(labels), proxies, pair_set, 0.3, label_mode=label_mode
+            )
+            grads = torch.autograd.grad(value, leaves)
+            assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads), (case, pair_set)
 
 
 def test_error_function_is_clean_plus_weighted_mixed():
