@@ -98,7 +98,12 @@ def sample_lam(mix_alpha: float, generator: Optional[torch.Generator] = None) ->
 
 
 def batch_pairs(labels: torch.Tensor, pair_set: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All pairs (i, j) of the batch that some anchor of the batch mixes under ``pair_set``."""
+    """The pairs (i, j) ``pair_set`` may mix: ordered pairs of different classes for pos-neg and
+    anc-neg, unordered same-class pairs for pos-pos, every unordered pair for neg-neg.
+
+    Which anchor mixes which pair is the membership rule's business (``rule_member``). Proxy-candidate
+    losses have no anchor class: there every listed pair is a mixed anchor with interpolated labels.
+    """
     b = labels.shape[0]
     ii, jj = torch.meshgrid(torch.arange(b, device=labels.device), torch.arange(b, device=labels.device), indexing="ij")
     same = labels[:, None] == labels[None, :]
