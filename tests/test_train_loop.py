@@ -9,7 +9,9 @@ from metrix_kernels.train.cli import main, parser, resolve
 
 from train_fixtures import make_cub
 
-TINY = ["--no-progress", "--max-steps-per-epoch", "2", "--reservoir-size", "50", "--positivity-batches", "1"]
+# The reference backend keeps these tests independent of which fused backends are built here.
+TINY = ["--no-progress", "--max-steps-per-epoch", "2", "--reservoir-size", "50", "--positivity-batches", "1",
+        "--backend", "reference"]
 
 
 def _run(tmp_path, *args):
@@ -69,7 +71,7 @@ def test_resnet50_path_with_random_weights(tmp_path):
     config = Config(dataset="cub200", data_root=str(tmp_path / "data"), out=str(tmp_path / "run"),
                     backbone="resnet50", pretrained="none", embedding_size=16, image_size=32, batch_size=6,
                     lr=1e-4, epochs=2, warmup_epochs=1, freeze_bn=True, max_steps_per_epoch=1,
-                    reservoir_size=8, positivity_batches=1, progress=False)
+                    reservoir_size=8, positivity_batches=1, progress=False, backend="reference")
     trainer = Trainer(config)
     before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
     trainer.sampler.set_epoch(0)

@@ -51,16 +51,16 @@ class Config:
     pretrained: Optional[str] = "none"
     embedding_size: int = 64
     image_size: int = 8
-    batch_size: int = 100
+    batch_size: int = 60
     sampler: str = "random"
     samples_per_class: int = 5
     lr: float = 1e-3
     proxy_lr_mult: float = 100.0
     weight_decay: float = 1e-4
-    epochs: int = 30
+    epochs: int = 10
     warmup_epochs: int = 0
     freeze_bn: bool = False
-    lr_step: int = 10
+    lr_step: int = 4
     lr_gamma: float = 0.5
     grad_clip: float = 10.0
     seed: int = 0
@@ -230,8 +230,7 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
         """One optimization step; returns the loss, the embeddings and the mix generator's prior state."""
-        features = self.model.features(x)
-        embeddings = self.model.head(pool(features))
+        embeddings, features = self.model(x, with_features=True)
         extra = {}
         if self.cfg.mixup == "feature":
             extra = {"features": features, "head": self.model.head}

@@ -39,8 +39,12 @@ class EmbeddingNet(nn.Module):
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.embed(pooled), dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(pool(self.features(x)))
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """Embeddings [B, d]; with_features also returns the conv maps (one call, so a
+        DistributedDataParallel wrapper sees the whole forward)."""
+        features = self.features(x)
+        embeddings = self.head(pool(features))
+        return (embeddings, features) if with_features else embeddings
 
     def train(self, mode: bool = True):
         super().train(mode)
