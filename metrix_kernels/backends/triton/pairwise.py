@@ -15,6 +15,8 @@ import triton.language as tl
 
 from .. import LABEL_NEGATIVE
 from .common import (
+    INTERPRET,
+    MIN_BLOCK,
     label_factor,
     dot_precision,
     padded_dim,
@@ -149,6 +151,8 @@ def _backward(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, stats, g
 
 def _blocks(dp: int) -> tuple[int, int, int]:
     """(rows tile, columns tile, warps): tiles shrink as d grows so the [tile, d] operands fit."""
+    if INTERPRET:
+        return MIN_BLOCK, MIN_BLOCK, 1
     if dp <= 64:
         return 64, 64, 4
     if dp <= 256:

@@ -1,0 +1,63 @@
+"""Inputs and comparisons shared by the fused-op tests."""
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from metrix_kernels.family import resolve
+
+from .conftest import DEVICE, MAX_BATCH
+
+PARAMS = {  # published-scale hyperparameters (exponent scales up to 80)
+    "contrastive": {"pos_margin": 0.2, "neg_margin": 1.3},
+    "lifted_structure": {"pos_margin": 0.1, "neg_margin": 1.0},
+    "binomial_deviance": {"alpha": 2.0, "beta": 50.0, "base": 0.5},
+    "multi_similarity": {"alpha": 17.97, "beta": 75.66, "base": 0.77},
+    "proxy_anchor": {"margin": 0.1, "alpha": 32.0},
+    "nca": {"softmax_scale": 4.0},
+    "proxy_nca": {"softmax_scale": 3.0},
+    "proxy_nca_pp": {"temperature": 1.0 / 9.0},
+}
+
+
+def loss(name):
+    row, terms, _ = resolve(name, PARAMS[name])
+    return row, terms
+
+
+@st.composite
+def batches(draw, max_size=MAX_BATCH, classes=(1, 6), dims=(1, 3, 8, 17, 33)):
+    """(embeddings [B, d] float32 on DEVICE, labels [B], generator) with B from 1, odd d allowed."""
+    size = draw(st.integers(1, max_size))
+    dim = draw(st.sampled_from(dims))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    num_classes = draw(st.integers(*classes))
+    labels = torch.randint(num_classes, (size,), generator=gen)
+    embeddings = torch.randn(size, dim, generator=gen) * draw(st.sampled_from([0.3, 1.0, 4.0]))
+    return embeddings.to(DEVICE), labels.to(DEVICE), gen
+
+
+def proxies_for(labels, dim, gen, extra=2):
+    count = max(int(labels.max()) + 1 if labels.numel() else 0, 2) + extra
+    return torch.randn(count, dim, generator=gen).to(labels.device)
+
+
+def leaves(*tensors, dtype=None):
+    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(True) for t in tensors]
+
+
+def grads(value, inputs):
+    present = [t for t in inputs if t is not None]
+    return torch.autograd.grad(value, present, allow_unused=True)
+
+
+def close(actual, expected, rtol=2e-4, atol=2e-5):
+    """Elementwise closeness relative to the scale of the expected tensor (infinities must match)."""
+    if actual is None or expected is None:
+        assert (actual is None or not actual.any()) and (expected is None or not expected.any())
+        return
+    expected = expected.to(actual.dtype) if expected.dtype != actual.dtype else expected
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.detach().abs().max()) if finite.numel() else 1.0
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * (1.0 + scale),
+                               equal_nan=True)

@@ -1,0 +1,62 @@
+"""The Gram embedding-mixup op against reference.term_stats on materialized mixed embeddings."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metrix_kernels import reference
+from metrix_kernels.backends import LABEL_CODES, MEMBER_POS_NEG, MEMBER_RULES, KernelConfig
+from metrix_kernels.ops import gram_mixed
+from metrix_kernels.pairs import MixPlan, batch_pairs, rule_member, soft_labels
+
+from .conftest import EXAMPLES
+from .helpers import batches, close, grads, leaves, loss, proxies_for
+
+SIGMAS = ["contrastive", "lifted_structure", "binomial_deviance", "multi_similarity", "nca"]
+
+
+@pytest.mark.parametrize("pair_set", sorted(MEMBER_RULES))
+@pytest.mark.parametrize("proxy_anchors", [False, True])
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_gram_matches_materialized_mixup(pair_set, proxy_anchors, data):
+    _, terms = loss(data.draw(st.sampled_from(SIGMAS)))
+    # d >= 3: in d = 1 antipodal pairs are common and their mix at lam = 0.5 has no direction
+    emb, labels, gen = data.draw(batches(max_size=24, classes=(1, 4), dims=(3, 8, 17)))
+    label_mode = data.draw(st.sampled_from(sorted(LABEL_CODES)))
+    lam = data.draw(st.sampled_from([0.0, 0.3, 0.5, data.draw(st.floats(0.0, 1.0))]))
+    if proxy_anchors:
+        raw_anchors = proxies_for(labels, emb.shape[1], gen)
+        anchor_y = torch.arange(raw_anchors.shape[0], device=emb.device)
+        anchor_idx = torch.full_like(anchor_y, -1)
+        member = MEMBER_POS_NEG if pair_set == "anc-neg" else MEMBER_RULES[pair_set]
+    else:
+        raw_anchors, anchor_y = emb, labels
+        anchor_idx = torch.arange(labels.shape[0], device=emb.device)
+        member = MEMBER_RULES[pair_set]
+    cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, member, LABEL_CODES[label_mode], False, True)
+    # the op's formula holds for unit embeddings: compare gradients of the raw (unnormalized) inputs
+    a, x = leaves(raw_anchors, emb)
+    stats = gram_mixed(reference.normalize(a), anchor_y, anchor_idx, reference.normalize(x), labels, lam, cfg,
+                       "triton")
+
+    a64, x64 = leaves(a, x, dtype=torch.float64)
+    i, j = batch_pairs(labels, pair_set)
+    plan = MixPlan(i, j, lam, pair_set, label_mode)
+    mixed = reference.normalize(reference.mix_embeddings(x64, plan))
+    keep = rule_member(pair_set, anchor_y, None if proxy_anchors else anchor_idx, labels[i], labels[j], i)
+    y = soft_labels(anchor_y, labels[i], labels[j], lam, label_mode, torch.float64)
+    expected = reference.term_stats(reference.normalize(a64) @ mixed.T, keep * y, keep * (1.0 - y), terms)
+    for actual, want in zip(stats, expected):
+        close(actual, want.to(torch.float64))
+    u, v = torch.rand(2, raw_anchors.shape[0], generator=gen, dtype=torch.float64).to(emb.device)
+
+    def combine(pos, neg):
+        return (u * torch.where(torch.isfinite(pos), pos, 0.0)).sum() + (v * torch.where(torch.isfinite(neg), neg,
+                                                                                         0.0)).sum()
+
+    for actual, want in zip(grads(combine(stats[0].double(), stats[1].double()), [a, x]),
+                            grads(combine(expected.pos_sum, expected.neg_sum), [a64, x64])):
+        close(actual, want, atol=1e-4)

@@ -1,0 +1,83 @@
+"""The pairwise op against reference.term_stats on materialized similarities and weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metrix_kernels import reference
+from metrix_kernels.backends import LABEL_CODES, MEMBER_ALL, MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig
+from metrix_kernels.ops import pairwise
+from metrix_kernels.pairs import rule_member, soft_labels
+
+from .conftest import EXAMPLES
+from .helpers import PARAMS, batches, close, grads, leaves, loss
+
+SIGMAS = ["contrastive", "lifted_structure", "binomial_deviance", "multi_similarity", "nca"]  # every form x input
+
+
+def _expected(rows, cols, row_lab, col_lab, row_idx, col_idx, lam, member, label_mode, mixed_rows, mask):
+    """Reference weights [R, V]: the clean side's (z, a) against the mixed side's (li, lj, i)."""
+    if mixed_rows:
+        (li, lj), mi, z, a = row_lab, row_idx, col_lab[0], col_idx
+        flip = True
+    else:
+        (li, lj), mi, z, a = col_lab, col_idx, row_lab[0], row_idx
+        flip = False
+    y = soft_labels(z, li, lj, lam, label_mode, torch.float64)
+    if mask is not None:
+        keep = mask.T if flip else mask
+    elif member == MEMBER_ALL:
+        keep = torch.ones_like(y, dtype=torch.bool)
+    elif member == MEMBER_ALL_BUT_SELF:
+        keep = mi[None, :] != a[:, None]
+    else:
+        rule = {v: k for k, v in MEMBER_RULES.items()}[member]
+        keep = rule_member(rule, z, a, li, lj, mi)
+    w_pos, w_neg = keep * y, keep * (1.0 - y)
+    return (w_pos.T, w_neg.T) if flip else (w_pos, w_neg)
+
+
+@pytest.mark.parametrize("name", SIGMAS)
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_pairwise_matches_term_stats(name, data):
+    _, terms = loss(name)
+    rows, row_y, gen = data.draw(batches())
+    cols = torch.randn(data.draw(st.integers(1, 40)), rows.shape[1], generator=gen).to(rows.device)
+    mixed_rows = data.draw(st.booleans())
+    member = data.draw(st.sampled_from([MEMBER_ALL, MEMBER_ALL_BUT_SELF, *MEMBER_RULES.values(), "mask"]))
+    label_mode = data.draw(st.sampled_from(sorted(LABEL_CODES)))
+    lam = data.draw(st.floats(0.0, 1.0))
+    col_y = torch.randint(6, (cols.shape[0],), generator=gen).to(rows.device)
+    col_y2 = torch.randint(6, (cols.shape[0],), generator=gen).to(rows.device)
+    row_y2 = torch.randint(6, (rows.shape[0],), generator=gen).to(rows.device)
+    row_idx = torch.arange(rows.shape[0], device=rows.device)
+    col_idx = torch.randint(rows.shape[0], (cols.shape[0],), generator=gen).to(rows.device)
+    row_lab, col_lab = ((row_y, row_y2), (col_y, col_y)) if mixed_rows else ((row_y, row_y), (col_y, col_y2))
+    mask = None
+    if member == "mask":
+        mask = (torch.rand(rows.shape[0], cols.shape[0], generator=gen) < 0.5).to(rows.device)
+        member, mixed_rows = MEMBER_ALL, False
+        row_lab, col_lab = (row_y, row_y), (col_y, col_y2)
+    cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, member, LABEL_CODES[label_mode], mixed_rows, True)
+
+    r, c = leaves(torch.nn.functional.normalize(rows, dim=1), torch.nn.functional.normalize(cols, dim=1))
+    stats = pairwise(r, row_lab, row_idx, c, col_lab, col_idx, lam, cfg, "triton", member_mask=mask)
+    r64, c64 = leaves(r, c, dtype=torch.float64)
+    w_pos, w_neg = _expected(r64, c64, row_lab, col_lab, row_idx, col_idx, lam, member, label_mode, mixed_rows,
+                             mask)
+    expected = reference.term_stats(r64 @ c64.T, w_pos, w_neg, terms)
+    for actual, want in zip(stats, expected):
+        close(actual, want.to(torch.float64))
+    # every gradient, through a random combination of the two differentiable term sums
+    u, v = torch.rand(2, rows.shape[0], generator=gen, dtype=torch.float64).to(rows.device)
+
+    def combine(pos, neg):
+        return (u * torch.where(torch.isfinite(pos), pos, 0.0)).sum() + (v * torch.where(torch.isfinite(neg), neg,
+                                                                                         0.0)).sum()
+
+    for actual, want in zip(grads(combine(stats[0].double(), stats[1].double()), [r, c]),
+                            grads(combine(expected.pos_sum, expected.neg_sum), [r64, c64])):
+        close(actual, want)
