@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python}
+# CUDA_HOME: the first of $CUDA_HOME, /usr/local/cuda, nvcc's parent that has the runtime headers
+# (an nvcc wrapper in /usr/local/bin would make torch guess /usr/local)
+for dir in "${CUDA_HOME:-}" /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent)")")")"; do
+  if [ -n "$dir" ] && [ -f "$dir/include/cuda_runtime_api.h" ]; then export CUDA_HOME="$dir"; break; fi
+done
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   ARCH=$("$PY" -c "import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print(f'{c[0]}.{c[1]}' if c else '')")

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "kernels.cuh"
+#include "pair_math.cuh"  // the enum codes
 
 namespace {
 

@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(const PairwiseArgs p) 
 // own_rows: the block owns 64 rows and accumulates grad_rows = dL/ds @ cols over all column tiles;
 // otherwise it owns 64 columns and accumulates grad_cols = dL/ds^T @ rows over all row tiles.
 template <typename T, int FORM>
-__global__ void __launch_bounds__(THREADS) backward_kernel(const PairwiseArgs p, const bool own_rows) {
+__global__ void __launch_bounds__(THREADS, 2) backward_kernel(const PairwiseArgs p, const bool own_rows) {
   __shared__ float As[BK][TILE + 1], Bs[BK][TILE + 1];
   __shared__ float Gs[TILE][TILE + 1];  // dL/ds of the tile, [own][other]
   __shared__ float Os[TILE][TILE + 1];  // a 64 x 64 slice of the other side's embeddings
