@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ...backends import LABEL_NEGATIVE, MEMBER_ANC_NEG, MEMBER_NEG_NEG, MEMBER_POS_NEG, MEMBER_POS_POS
 from .common import (
+    interpretable,
     label_factor,
     dot_precision,
     padded_dim,
@@ -267,6 +268,7 @@ def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
 
 
 def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
+    anchors, emb = interpretable(anchors), interpretable(emb)
     na, d = anchors.shape
     stats = torch.empty(6, na, device=anchors.device, dtype=torch.float32)
     if na == 0:
@@ -281,6 +283,8 @@ def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cf
 
 def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, stats, grad_pos_sum,
                         grad_neg_sum):
+    dtype = anchors.dtype
+    anchors, emb = interpretable(anchors), interpretable(emb)
     na, d = anchors.shape
     b = emb.shape[0]
     grad_anchors = torch.empty_like(anchors)
@@ -293,4 +297,4 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
     grid = (triton.cdiv(na, ba) + triton.cdiv(b, be),)
     _backward[grid](*tensors, stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous(), grad_anchors, grad_emb,
                     na, b, d, *scalars, **consts, BA=ba, BE=be, DP=dp, num_warps=warps)
-    return grad_anchors, grad_emb
+    return grad_anchors.to(dtype), grad_emb.to(dtype)

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .. import LABEL_NEGATIVE
 from .common import (
+    interpretable,
     INTERPRET,
     MIN_BLOCK,
     label_factor,
@@ -175,6 +176,7 @@ def _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i, c
 
 def pairwise_forward(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
                      lam, cfg, member_mask=None):
+    rows, cols = interpretable(rows), interpretable(cols)
     r, d = rows.shape
     v = cols.shape[0]
     stats = torch.empty(6, r, device=rows.device, dtype=torch.float32)
@@ -191,6 +193,8 @@ def pairwise_forward(rows, row_label_i, row_label_j, row_index, cols, col_label_
 
 def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
                       lam, cfg, stats, grad_pos_sum, grad_neg_sum, member_mask=None):
+    dtype = rows.dtype
+    rows, cols = interpretable(rows), interpretable(cols)
     r, d = rows.shape
     v = cols.shape[0]
     grad_rows = torch.empty_like(rows)
@@ -204,4 +208,4 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
     grid = (triton.cdiv(r, br) + triton.cdiv(v, bv),)
     _backward[grid](*tensors, stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous(), grad_rows, grad_cols,
                     r, v, d, *scalars, **consts, BR=br, BV=bv, DP=dp, num_warps=warps)
-    return grad_rows, grad_cols
+    return grad_rows.to(dtype), grad_cols.to(dtype)
