@@ -1,0 +1,201 @@
+// Shared pieces of the CPU kernels: the sigma of a loss row, soft labels and membership of a
+// pair, a vectorizable exp, and the running per-row statistics (see metrix_kernels/backends).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace metrix {
+
+enum Form { EXP = 0, HINGE = 1, SOFTPLUS = 2 };
+enum Of { OF_S = 0, OF_D = 1, OF_D2 = 2 };
+enum Member { ALL = 0, ALL_BUT_SELF = 1, POS_NEG = 2, ANC_NEG = 3, POS_POS = 4, NEG_NEG = 5 };
+enum LabelMode { INTERPOLATE = 0, NEGATIVE = 1, DOMINANT = 2 };
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// sigma(s) = form(scale * t(s) + shift), passed from Python as [form, of, scale, shift].
+struct Sigma {
+  int form, of;
+  double scale, shift;
+};
+
+inline Sigma sigma_from(const std::vector<double>& v) {
+  TORCH_CHECK(v.size() == 4, "sigma must be [form, of, scale, shift]");
+  return {static_cast<int>(v[0]), static_cast<int>(v[1]), v[2], v[3]};
+}
+
+// exp on floats without a library call, so that loops over a row vectorize (Cephes expf
+// polynomial, about 1 ulp). exp(x) is 0 below -87 (and for -inf); inputs above 88 never meet a
+// counted pair.
+inline float fast_exp(float x) {
+  const bool zero = !(x >= -87.0f);
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = x - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return zero ? 0.0f : p * scale;
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+// x = scale * t(s) + shift and dx/ds, t in {s, d = sqrt(max(2 - 2s, 0)), d2 = max(2 - 2s, 0)};
+// the derivative of d is 0 at d = 0 and that of d2 follows torch's clamp_min (kept at the clamp).
+template <typename T>
+inline T argument(const Sigma& p, T s) {
+  T t = s;
+  if (p.of != OF_S) {
+    const T u = std::max(T(2) - T(2) * s, T(0));
+    t = p.of == OF_D2 ? u : std::sqrt(u);
+  }
+  return T(p.scale) * t + T(p.shift);
+}
+
+template <typename T>
+inline T argument_grad(const Sigma& p, T s) {
+  if (p.of == OF_S) return T(p.scale);
+  const T u = T(2) - T(2) * s;
+  if (p.of == OF_D2) return u >= T(0) ? T(-2) * T(p.scale) : T(0);
+  return u > T(0) ? -T(p.scale) / std::sqrt(u) : T(0);
+}
+
+// Non-exponential sigma values and derivatives (exp is handled in log space by the callers).
+template <typename T>
+inline T sigma_value(int form, T x) {
+  if (form == HINGE) return std::max(x, T(0));
+  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+
+template <typename T>
+inline T sigma_grad(int form, T x) {
+  if (form == HINGE) return x > T(0) ? T(1) : T(0);
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// Soft label of a mixed pair for a clean example of label z: pi = [label_i == z], pj = [label_j == z].
+inline double soft_label(int mode, double lam, bool pi, bool pj) {
+  if (mode == NEGATIVE) return 0.0;
+  if (mode == DOMINANT) return (lam >= 0.5 ? pi : pj) ? 1.0 : 0.0;
+  return lam * pi + (1.0 - lam) * pj;
+}
+
+// The weight of a pair in one term, linear and as a logarithm: exponential sigmas add log w to
+// their argument, which stays exact for weights below the float range (lam near 0 or 1).
+// lw = -inf: the pair does not count in the term.
+struct Weight {
+  double w = 0.0, lw = -kInf;
+  static Weight of(double w) { return {w, w > 0 ? std::log(w) : -kInf}; }
+};
+
+// Whether a pair counts for the clean side: same_index = (mixed side's i == clean side's index).
+inline bool rule_member(int rule, bool pi, bool pj, bool same_index) {
+  switch (rule) {
+    case ALL: return true;
+    case ALL_BUT_SELF: return !same_index;
+    case POS_NEG: return pi && !pj;
+    case ANC_NEG: return same_index && !pj;
+    case POS_POS: return pi && pj;
+    default: return !pi && !pj;
+  }
+}
+
+// Running statistics of one term of one row. For exp sigmas sum is relative to max (log-sum-exp).
+struct Term {
+  double max = -kInf, sum = 0.0, mass = 0.0;
+  int64_t nnz = 0;
+
+  void merge_exp(double m, double s) {
+    if (m == -kInf) return;
+    if (m > max) {
+      sum = sum * std::exp(max - m) + s;
+      max = m;
+    } else {
+      sum += s * std::exp(m - max);
+    }
+  }
+  double value(bool exp_form) const {
+    if (!exp_form) return sum;
+    return max == -kInf ? -kInf : max + std::log(sum);
+  }
+};
+
+// Adds a row of similarities s with pair weights w / log weights lw to a term (mass apart).
+template <typename T>
+void reduce_term(const Sigma& p, const T* s, const T* w, const T* lw, int64_t n, Term& term) {
+  constexpr T none = -std::numeric_limits<T>::infinity();
+  int64_t used = 0;
+  if (p.form == EXP) {
+    T m = none;
+    for (int64_t k = 0; k < n; ++k) {
+      m = std::max(m, argument(p, s[k]) + lw[k]);
+      used += lw[k] > none;
+    }
+    if (used == 0) return;
+    T sum = 0;
+    for (int64_t k = 0; k < n; ++k) sum += fast_exp(argument(p, s[k]) + lw[k] - m);
+    term.nnz += used;
+    term.merge_exp(m, sum);
+    return;
+  }
+  T sum = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    if (lw[k] == none) continue;
+    const T v = sigma_value(p.form, argument(p, s[k]));
+    sum += w[k] * v;
+    used += v > T(0);
+  }
+  term.sum += sum;
+  term.nnz += used;
+}
+
+// dL/ds of one pair from the term's weight, saved sum (lse) and upstream gradient g.
+template <typename T>
+inline T term_grad(const Sigma& p, T s, T w, T lw, T lse, T g) {
+  const T x = argument(p, s);
+  const T dv = p.form == EXP ? fast_exp(x + lw - lse) : w * sigma_grad(p.form, x);
+  return g * dv * argument_grad(p, s);
+}
+
+// Writes the [6, R] float32 statistics of the backend contract.
+inline void write_stats(at::Tensor stats, const std::vector<Term>& pos, const std::vector<Term>& neg,
+                        const Sigma& sp, const Sigma& sn) {
+  auto st = stats.accessor<float, 2>();
+  for (size_t r = 0; r < pos.size(); ++r) {
+    st[0][r] = static_cast<float>(pos[r].value(sp.form == EXP));
+    st[1][r] = static_cast<float>(neg[r].value(sn.form == EXP));
+    st[2][r] = static_cast<float>(pos[r].mass);
+    st[3][r] = static_cast<float>(neg[r].mass);
+    st[4][r] = static_cast<float>(pos[r].nnz);
+    st[5][r] = static_cast<float>(neg[r].nnz);
+  }
+}
+
+// Runs f(T{}) with T the C++ type of a float32 / float64 tensor.
+template <typename F>
+void dispatch(const at::Tensor& x, F f) {
+  if (x.scalar_type() == at::kDouble) return f(double{});
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "metrix cpu kernels take float32 or float64, got ", x.scalar_type());
+  f(float{});
+}
+
+// Upstream gradients and saved sums as double vectors (small: one entry per row).
+inline std::vector<double> to_vector(const at::Tensor& x) {
+  auto c = x.to(at::kDouble).contiguous();
+  return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+}
+
+}  // namespace metrix
