@@ -88,13 +88,17 @@ def mixed_loss(
     features=None, head: Optional[Callable] = None, inputs=None, model: Optional[Callable] = None,
     backend: str = "triton",
 ) -> torch.Tensor:
-    """reference.mixed_loss on a fused backend."""
-    label_i, label_j = labels[plan.i], labels[plan.j]
+    """reference.mixed_loss on a fused backend.
+
+    Embedding mixup without an explicit member mask reads only plan.lam, plan.pair_set and
+    plan.label_mode: its pairs are all those of the pair set (api.plan_mixing's batch_pairs), which
+    the Gram op enumerates itself, so plan.i / plan.j are not read.
+    """
     if row.candidates == "proxies":
         # the mixed examples are the anchors; every proxy is a candidate with a soft label
         m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend)
         p, classes, none = _proxy_side(proxies.to(m.dtype))
-        stats = pairwise(m, (label_i, label_j), plan.i, p, (classes, classes), none, plan.lam,
+        stats = pairwise(m, (labels[plan.i], labels[plan.j]), plan.i, p, (classes, classes), none, plan.lam,
                          _config(row, terms, MEMBER_ALL, plan, mixed_rows=True), backend)
         return _assemble(row, terms, stats, embeddings.dtype)
     rule = MEMBER_RULES[plan.pair_set]
@@ -113,6 +117,6 @@ def mixed_loss(
         stats = gram_mixed(anchors, anchor_labels, anchor_index, _normalize(embeddings), labels, plan.lam, cfg, backend)
     else:
         m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend)
-        stats = pairwise(anchors, (anchor_labels, anchor_labels), anchor_index, m, (label_i, label_j), plan.i,
+        stats = pairwise(anchors, (anchor_labels, anchor_labels), anchor_index, m, (labels[plan.i], labels[plan.j]), plan.i,
                          plan.lam, cfg, backend, member_mask=member_mask)
     return _assemble(row, terms, stats, embeddings.dtype)

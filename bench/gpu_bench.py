@@ -1,0 +1,266 @@
+"""Fused vs reference vs pytorch-metric-learning: fwd+bwd time and peak loss memory, one table.
+
+    python bench/gpu_bench.py --out RESULTS_DIR [--backends triton,cuda] [--device cpu --tiny]
+
+Rows: multi_similarity and contrastive, clean and Metrix embedding mixup over all pos-neg pairs,
+B = 128..8192, d = 512; proxy_anchor with 100 and 10,000 proxies; then the largest batch that fits
+with all-pairs embedding mixup, fused vs reference. Fused columns run the ops layer
+(metrix_kernels.ops) with a plan whose pairs stay implicit (the Gram op enumerates them), so
+the measured memory is the loss's own. Labels come grouped by class, 4 per class, as
+pytorch-metric-learning's MPerClassSampler yields them. Ratios are computed within this run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import sys
+import time
+
+
+def parse():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="results folder (markdown + CSV)")
+    parser.add_argument("--backends", default="triton", help="comma-separated fused backends, e.g. triton,cuda")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (a dry run of every code path)")
+    parser.add_argument("--budget", type=float, default=330.0, help="seconds; later rows are skipped past it")
+    return parser.parse_args()
+
+
+ARGS = parse()
+if ARGS.device == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+
+import torch  # noqa: E402
+
+from metrix_kernels import ops, reference  # noqa: E402
+from metrix_kernels.family import resolve  # noqa: E402
+from metrix_kernels.pairs import MixPlan, batch_pairs  # noqa: E402
+
+try:
+    import pytorch_metric_learning
+    from pytorch_metric_learning import losses as pml_losses
+except ImportError:
+    pml_losses = None
+
+DEVICE = torch.device(ARGS.device)
+CUDA = DEVICE.type == "cuda"
+D = 16 if ARGS.tiny else 512
+BATCHES = [8, 24] if ARGS.tiny else [128, 256, 512, 1024, 2048, 4096, 8192]
+PROXY_BATCHES = [8, 24] if ARGS.tiny else [256, 1024, 4096]
+PROXY_COUNTS = [5, 40] if ARGS.tiny else [100, 10_000]
+MAX_FIT = 64 if ARGS.tiny else 131_072  # fused search stops here: the reference's limit is the point
+LAM = 0.4
+START = time.perf_counter()
+ROWS: list[dict] = []
+
+
+def inputs(b, proxies=0):
+    gen = torch.Generator().manual_seed(b)
+    emb = torch.randn(b, D, generator=gen).to(DEVICE).requires_grad_(True)
+    labels = (torch.arange(b) // 4).to(DEVICE)
+    if proxies:
+        labels = labels % proxies
+    prox = torch.randn(proxies, D, generator=gen).to(DEVICE).requires_grad_(True) if proxies else None
+    return emb, labels, prox
+
+
+def make_fn(impl, name, mode, emb, labels, prox):
+    """A closure computing fwd+bwd once, or None when the implementation has no such case."""
+    row, terms, _ = resolve(name, {})
+    if impl == "pml":
+        if pml_losses is None or mode != "clean":
+            return None
+        if name == "proxy_anchor":
+            fn = pml_losses.ProxyAnchorLoss(prox.shape[0], D).to(DEVICE)
+            fn.proxies.data.copy_(prox.detach())
+        else:
+            fn = {"multi_similarity": pml_losses.MultiSimilarityLoss, "contrastive": pml_losses.ContrastiveLoss}[name]()
+        return lambda: fn(emb, labels).backward()
+    if impl == "reference":
+        plan = MixPlan(*batch_pairs(labels, "pos-neg"), LAM, "pos-neg", "interpolate") if mode != "clean" else None
+
+        def run():
+            out = reference.clean_loss(row, terms, emb, labels, prox)
+            if plan is not None:
+                out = out + 0.4 * reference.mixed_loss(row, terms, emb, labels, prox, plan, "embedding")
+            out.backward()
+        return run
+    empty = labels.new_empty(0)
+    plan = MixPlan(empty, empty, LAM, "pos-neg", "interpolate")
+
+    def run():
+        out = ops.clean_loss(row, terms, emb, labels, prox, impl)
+        if mode != "clean":
+            out = out + 0.4 * ops.mixed_loss(row, terms, emb, labels, prox, plan, "embedding", backend=impl)
+        out.backward()
+    return run
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def measure(fn):
+    """(ms per fwd+bwd, peak MB above the inputs): warm-up, then repeat for about 0.3 s."""
+    fn()
+    sync()
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if CUDA else float("nan")
+    reps, total = 0, 0.0
+    while reps < 3 or (total < 300.0 and reps < 50):
+        if CUDA:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            total += begin.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            total += 1e3 * (time.perf_counter() - t0)
+        reps += 1
+        if ARGS.tiny:
+            break
+    return total / reps, peak
+
+
+def attempt(impl, name, mode, b, proxies=0):
+    """Measure one cell; out-of-memory and missing cases are recorded, not raised."""
+    status, ms, mb = "ok", float("nan"), float("nan")
+    if time.perf_counter() - START > ARGS.budget:
+        status = "skipped: time budget"
+    else:
+        emb, labels, prox = inputs(b, proxies)
+        try:
+            fn = make_fn(impl, name, mode, emb, labels, prox)
+            if fn is None:
+                status = "n/a" if pml_losses is not None else "skipped: pytorch-metric-learning not importable"
+            else:
+                ms, mb = measure(fn)
+        except torch.OutOfMemoryError:
+            status = "OOM"
+        finally:
+            emb = labels = prox = fn = None
+            if CUDA:
+                torch.cuda.empty_cache()
+    ROWS.append(dict(loss=name, mode=mode, B=b, proxies=proxies, impl=impl, ms=ms, peak_mb=mb, status=status))
+    return status == "ok"
+
+
+def largest_batch(impl):
+    """Doubling search for the largest B whose all-pairs embedding-mixed MS fwd+bwd fits."""
+    b, best = 128 if not ARGS.tiny else 8, 0
+    while b <= MAX_FIT and time.perf_counter() - START < ARGS.budget + 60:
+        emb, labels, prox = inputs(b)
+        try:
+            make_fn(impl, "multi_similarity", "embedding", emb, labels, prox)()
+            sync()
+            best = b
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            emb = labels = prox = None
+            if CUDA:
+                torch.cuda.empty_cache()
+        b *= 2
+    return best, b > MAX_FIT
+
+
+def main():
+    fused = [name for name in ARGS.backends.split(",") if name]
+    impls = fused + ["reference", "pml"]
+    oom = set()
+    for name in ("multi_similarity", "contrastive"):
+        for mode in ("clean", "embedding"):
+            for b in BATCHES:
+                for impl in impls:
+                    if (impl, name, mode) in oom:
+                        ROWS.append(dict(loss=name, mode=mode, B=b, proxies=0, impl=impl, ms=float("nan"),
+                                         peak_mb=float("nan"), status="skipped: OOM at a smaller B"))
+                    elif not attempt(impl, name, mode, b) and ROWS[-1]["status"] == "OOM":
+                        oom.add((impl, name, mode))
+    for count in PROXY_COUNTS:
+        for mode in ("clean", "embedding"):
+            for b in PROXY_BATCHES:
+                for impl in impls:
+                    attempt(impl, "proxy_anchor", mode, b, count)
+    fits = {impl: largest_batch(impl) for impl in fused + ["reference"]}
+    write(fused, fits)
+
+
+def cell(row):
+    if row["status"] != "ok":
+        return row["status"]
+    mem = "" if row["peak_mb"] != row["peak_mb"] else f" / {row['peak_mb']:.1f} MB"
+    return f"{row['ms']:.3f} ms{mem}"
+
+
+def write(fused, fits):
+    os.makedirs(ARGS.out, exist_ok=True)
+    gpu = torch.cuda.get_device_name(DEVICE) if CUDA else platform.processor() or "cpu"
+    header = [
+        f"# Metrix fused loss benchmark ({gpu})",
+        "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- command: {' '.join([sys.executable.split('/')[-1], *sys.argv])}",
+        f"- torch {torch.__version__}, triton {_version('triton')}, pytorch-metric-learning "
+        f"{pytorch_metric_learning.__version__ if pml_losses else 'not importable (column skipped)'}",
+        f"- d = {D}, float32, fwd+bwd per call (CUDA events, after warm-up), peak = max_memory_allocated above the"
+        " inputs; embedding = clean + 0.4 x Metrix embedding mixup over all pos-neg pairs, lam = 0.4;"
+        " labels grouped 4 per class",
+        "",
+    ]
+    impls = fused + ["reference", "pml"]
+    keys = []
+    for row in ROWS:
+        key = (row["loss"], row["mode"], row["B"], row["proxies"])
+        if key not in keys:
+            keys.append(key)
+    by = {(r["loss"], r["mode"], r["B"], r["proxies"], r["impl"]): r for r in ROWS}
+    lead = fused[0] if fused else "reference"
+    cols = ["loss", "mode", "B", "proxies"] + [f"{i} ms / peak" for i in impls] + [
+        f"reference / {lead} time", f"{lead} / pml time", f"{lead} / pml peak"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for key in keys:
+        cells = [by[key + (i,)] for i in impls]
+        f, r, p = by[key + (lead,)], by[key + ("reference",)], by[key + ("pml",)]
+        ratio = lambda a, b, k: f"{a[k] / b[k]:.2f}" if a["status"] == b["status"] == "ok" and b[k] > 0 else ""
+        lines.append("| " + " | ".join([key[0], key[1], str(key[2]), str(key[3] or "")] + [cell(c) for c in cells]
+                                       + [ratio(r, f, "ms"), ratio(f, p, "ms"), ratio(f, p, "peak_mb")]) + " |")
+    fit_lines = ["", "Largest batch with all-pairs embedding mixup (multi_similarity, d = %d, fwd+bwd):" % D, ""]
+    for impl, (best, capped) in fits.items():
+        fit_lines.append(f"- {impl}: {best}{' (search cap reached: at least this)' if capped else ''}")
+    if fused and fits.get("reference", (0,))[0]:
+        fit_lines.append(f"- ratio {lead} / reference: >= {fits[lead][0] / fits['reference'][0]:.0f}x")
+    text = "\n".join(header + lines + fit_lines) + "\n"
+    with open(os.path.join(ARGS.out, "gpu-bench.md"), "w") as handle:
+        handle.write(text)
+    with open(os.path.join(ARGS.out, "gpu-bench.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["gpu", "torch", "triton", "loss", "mode", "B", "proxies", "impl",
+                                                    "ms", "peak_mb", "status"])
+        writer.writeheader()
+        for row in ROWS:
+            writer.writerow(dict(gpu=gpu, torch=torch.__version__, triton=_version("triton"), **row))
+    print(text)
+
+
+def _version(module):
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "absent"
+
+
+if __name__ == "__main__":
+    main()
