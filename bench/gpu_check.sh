@@ -12,15 +12,22 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 
 start=$(date +%s)
 pids=()
-for file in tests/ops/test_*.py; do
-    name=$(basename "$file" .py)
-    "$PY" -m pytest -q -p no:cacheprovider "$file" > "$OUT/$name.log" 2>&1 &
+run() {  # name, pytest arguments...
+    local name=$1
+    shift
+    "$PY" -m pytest -q -p no:cacheprovider "$@" > "$OUT/test_$name.log" 2>&1 &
     pids+=($!)
+}
+for file in tests/ops/test_*.py; do
+    [ "$file" = tests/ops/test_losses.py ] || run "$(basename "$file" .py | sed 's/^test_//')" "$file"
+done
+for part in clean embedding feature input "half or routes or unavailable"; do
+    run "losses_${part%% *}" tests/ops/test_losses.py -k "$part"
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 tail -n 3 "$OUT"/test_*.log
 echo "tests/ops on CUDA: $([ $status = 0 ] && echo passed || echo FAILED) in $(( $(date +%s) - start )) s" | tee "$OUT/tests.txt"
 
-"$PY" bench/gpu_bench.py --out "$OUT" --backends "${BACKENDS:-triton}" 2>&1 | tee "$OUT/bench.log"
+"$PY" bench/gpu_bench.py --out "$OUT" --backends "${BACKENDS:-triton}" --budget 240 2>&1 | tee "$OUT/bench.log"
 exit $status
