@@ -36,8 +36,9 @@ def _check(result, rtol=2e-4, atol=2e-5):
 @given(data=st.data())
 def test_clean_loss(name, data):
     row, terms = loss(name)
-    # d >= 2: in d = 1 every normalized gradient is 0 up to float32 rounding of large raw gradients
-    emb, labels, gen = data.draw(batches(dims=(2, 3, 17, 33)))
+    # d >= 3: in d = 1 every normalized gradient is 0 up to float32 rounding of large raw gradients, and
+    # in d = 2 near-parallel pairs are common, where d(s) = sqrt(2 - 2s) is ill-conditioned in float32
+    emb, labels, gen = data.draw(batches(dims=(3, 17, 33)))
     proxies = proxies_for(labels, emb.shape[1], gen) if row.uses_proxies else None
     inputs = leaves(emb, proxies)
     _check(_both(lambda x: ops.clean_loss(row, terms, x[0], labels, x[1], "triton"),
