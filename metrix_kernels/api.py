@@ -14,7 +14,6 @@ from .family import loss_row, resolve
 from .pairs import (
     DEFAULT_PAIRS,
     MixPlan,
-    batch_pairs,
     check_label_mode,
     check_pair_set,
     choose_pair_set,
@@ -166,8 +165,7 @@ def plan_mixing(
         pair_set, lam = distributed.agree(pair_set, lam, group, embeddings.device)
     if mixup == "input":
         return hard_negative_plan(embeddings, labels, pair_set, lam, label_mode, hard_negatives)
-    i, j = batch_pairs(labels, pair_set)
-    return MixPlan(i, j, lam, pair_set, label_mode)
+    return MixPlan(None, None, lam, pair_set, label_mode, labels=labels)
 
 
 def metrix_loss(

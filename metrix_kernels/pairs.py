@@ -15,7 +15,7 @@ are the anchors, a proxy stands for its whole class, so anc-neg means the same a
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
@@ -34,19 +34,35 @@ METHODS = {
 }
 
 
-class MixPlan(NamedTuple):
+class MixPlan:
     """The mixed examples of one call: pairs (i, j) mixed with lam on i.
 
-    member is an explicit [B, M] anchor-membership mask when the pairs were chosen per anchor
-    (input mixup's hard negatives); None means the rule of ``pair_set`` decides.
+    Pass i = j = None with ``labels`` to mean every pair of ``pair_set`` (``batch_pairs``): they are
+    listed only when read, so a fused embedding-mixup path, which enumerates them in the kernel,
+    never allocates the O(B^2) index lists. ``member`` is an explicit [B, M] anchor-membership mask
+    when the pairs were chosen per anchor (input mixup's hard negatives); None means the rule of
+    ``pair_set`` decides.
     """
 
-    i: torch.Tensor
-    j: torch.Tensor
-    lam: float
-    pair_set: str
-    label_mode: str
-    member: Optional[torch.Tensor] = None
+    def __init__(self, i, j, lam: float, pair_set: str, label_mode: str, member=None, labels=None):
+        if i is None and labels is None:
+            raise ValueError("MixPlan needs the pairs (i, j) or the labels to list them from")
+        self._pairs = None if i is None else (i, j)
+        self._labels = labels
+        self.lam, self.pair_set, self.label_mode, self.member = lam, pair_set, label_mode, member
+
+    @property
+    def i(self) -> torch.Tensor:
+        return self._listed()[0]
+
+    @property
+    def j(self) -> torch.Tensor:
+        return self._listed()[1]
+
+    def _listed(self):
+        if self._pairs is None:
+            self._pairs = batch_pairs(self._labels, self.pair_set)
+        return self._pairs
 
 
 def check_pair_set(pairs: str) -> None:
