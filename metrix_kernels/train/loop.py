@@ -102,6 +102,23 @@ def _progress(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
 
 
+def train_step(model, criterion, optimizer, x, y, mixup, generator, grad_clip) -> tuple[float, torch.Tensor]:
+    """Forward, Metrix loss (clean + w * mixed), backward, clipped update; the loss and the embeddings."""
+    embeddings, features = model(x, with_features=True)
+    extra = {}
+    if mixup == "feature":
+        extra = {"features": features, "head": model.head}
+    elif mixup == "input":
+        extra = {"inputs": x, "model": model}
+    loss = criterion(embeddings, y, generator=generator, **extra)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss.item(), embeddings.detach()
+
+
 class Trainer:
     def __init__(self, config: Config, resume: bool = False):
         self.out = Path(config.out)
@@ -230,20 +247,10 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
         """One optimization step; returns the loss, the embeddings and the mix generator's prior state."""
-        embeddings, features = self.model(x, with_features=True)
-        extra = {}
-        if self.cfg.mixup == "feature":
-            extra = {"features": features, "head": self.model.head}
-        elif self.cfg.mixup == "input":
-            extra = {"inputs": x, "model": self.model}
         mix_state = self.mix_generator.get_state()
-        loss = self.criterion(embeddings, y, generator=self.mix_generator, **extra)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        self.optimizer.step()
-        return loss.item(), embeddings.detach(), mix_state
+        loss, embeddings = train_step(self.model, self.criterion, self.optimizer, x, y, self.cfg.mixup,
+                                      self.mix_generator, self.cfg.grad_clip)
+        return loss, embeddings, mix_state
 
     def _record(self, mix_state: torch.Tensor, embeddings: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:
         """Replay the loss's draw (same generator state) to learn which pairs it mixed, with which lam."""
