@@ -102,19 +102,25 @@ def mixed_loss(
                          _config(row, terms, MEMBER_ALL, plan, mixed_rows=True), backend)
         return _assemble(row, terms, stats, embeddings.dtype)
     rule = MEMBER_RULES[plan.pair_set]
+    e = _normalize(embeddings)
+    if mixup == "embedding" and plan.member is None and plan.pair_set in ("pos-neg", "anc-neg"):
+        # Ordered pairs: grouping the batch by class changes no pair and no sum over anchors, and
+        # lets the Gram kernel skip whole tiles without a member. (pos-pos / neg-neg put lam on the
+        # first of i < j, so their batch order matters and is kept.)
+        order = torch.argsort(labels, stable=True)
+        e, labels = e[order], labels[order]
     if row.anchors == "proxies":
         # a proxy stands for its whole class: anc-neg is pos-neg, and no per-anchor mask applies
-        anchors, anchor_labels, anchor_index = _proxy_side(proxies.to(_normalize(embeddings).dtype))
+        anchors, anchor_labels, anchor_index = _proxy_side(proxies.to(e.dtype))
         rule = MEMBER_POS_NEG if rule == MEMBER_ANC_NEG else rule
         member_mask = None
     else:
-        anchors = _normalize(embeddings)
-        anchor_labels = labels
+        anchors, anchor_labels = e, labels
         anchor_index = torch.arange(labels.shape[0], device=labels.device)
         member_mask = plan.member
     cfg = _config(row, terms, rule, plan)
     if mixup == "embedding" and member_mask is None:
-        stats = gram_mixed(anchors, anchor_labels, anchor_index, _normalize(embeddings), labels, plan.lam, cfg, backend)
+        stats = gram_mixed(anchors, anchor_labels, anchor_index, e, labels, plan.lam, cfg, backend)
     else:
         m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend)
         stats = pairwise(anchors, (anchor_labels, anchor_labels), anchor_index, m, (labels[plan.i], labels[plan.j]), plan.i,
