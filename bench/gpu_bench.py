@@ -4,10 +4,9 @@
 
 Rows: multi_similarity and contrastive, clean and Metrix embedding mixup over all pos-neg pairs,
 B = 128..8192, d = 512; proxy_anchor with 100 and 10,000 proxies; then the largest batch that fits
-with all-pairs embedding mixup, fused vs reference. Fused columns run the ops layer
-(metrix_kernels.ops) with a plan whose pairs stay implicit (the Gram op enumerates them), so
-the measured memory is the loss's own. Labels come grouped by class, 4 per class, as
-pytorch-metric-learning's MPerClassSampler yields them. Ratios are computed within this run.
+with all-pairs embedding mixup, fused vs reference. Every column but PML's calls
+metrix_loss(..., pairs="pos-neg", lam=0.4, backend=...), the user's path. Labels: 4 per class.
+Ratios are computed within this run.
 """
 from __future__ import annotations
 
@@ -36,9 +35,7 @@ if ARGS.device == "cpu":
 
 import torch  # noqa: E402
 
-from metrix_kernels import ops, reference  # noqa: E402
-from metrix_kernels.family import resolve  # noqa: E402
-from metrix_kernels.pairs import MixPlan, batch_pairs  # noqa: E402
+from metrix_kernels import metrix_loss  # noqa: E402
 
 try:
     import pytorch_metric_learning
@@ -70,7 +67,6 @@ def inputs(b, proxies=0):
 
 def make_fn(impl, name, mode, emb, labels, prox):
     """A closure computing fwd+bwd once, or None when the implementation has no such case."""
-    row, terms, _ = resolve(name, {})
     if impl == "pml":
         if pml_losses is None or mode != "clean":
             return None
@@ -80,23 +76,10 @@ def make_fn(impl, name, mode, emb, labels, prox):
         else:
             fn = {"multi_similarity": pml_losses.MultiSimilarityLoss, "contrastive": pml_losses.ContrastiveLoss}[name]()
         return lambda: fn(emb, labels).backward()
-    if impl == "reference":
-        plan = MixPlan(*batch_pairs(labels, "pos-neg"), LAM, "pos-neg", "interpolate") if mode != "clean" else None
+    mixup = None if mode == "clean" else "embedding"
 
-        def run():
-            out = reference.clean_loss(row, terms, emb, labels, prox)
-            if plan is not None:
-                out = out + 0.4 * reference.mixed_loss(row, terms, emb, labels, prox, plan, "embedding")
-            out.backward()
-        return run
-    empty = labels.new_empty(0)
-    plan = MixPlan(empty, empty, LAM, "pos-neg", "interpolate")
-
-    def run():
-        out = ops.clean_loss(row, terms, emb, labels, prox, impl)
-        if mode != "clean":
-            out = out + 0.4 * ops.mixed_loss(row, terms, emb, labels, prox, plan, "embedding", backend=impl)
-        out.backward()
+    def run():  # the user's call: metrix_loss with this backend ("reference" included)
+        metrix_loss(emb, labels, loss=name, mixup=mixup, pairs="pos-neg", lam=LAM, proxies=prox, backend=impl).backward()
     return run
 
 
