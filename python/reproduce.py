@@ -83,7 +83,7 @@ def table(args, results: dict, seconds: float) -> str:
         f"lam ~ Beta({cfg['mix_alpha']}, {cfg['mix_alpha']}), pairs {cfg['pairs']}, loss backend {cfg['backend']}.",
         "",
         f"Recall@1 (%) on the test classes, mean ± standard deviation over seeds "
-        f"{args.seeds.split(',')[:len(first_cell)]}:",
+        f"{', '.join(args.seeds.split(',')[:len(first_cell)])}:",
         "",
         "| loss | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
