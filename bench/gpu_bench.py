@@ -160,12 +160,26 @@ def largest_batch(impl):
     return best, b > MAX_FIT
 
 
+def card_limits():
+    """Measured float32 matmul rate (TFLOP/s, TF32 off as torch's default) and copy bandwidth (GB/s)."""
+    if not CUDA or ARGS.tiny:
+        return None
+    n = 8192
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+    mm_ms, _ = measure(lambda: torch.mm(a, b))
+    src = torch.empty(2**28, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    copy_ms, _ = measure(lambda: dst.copy_(src))
+    return 2 * n**3 / mm_ms / 1e9, 2 * src.numel() / copy_ms / 1e6
+
+
 def main():
     fused = [name for name in ARGS.backends.split(",") if name]
     impls = fused + ["reference", "pml"]
     oom = set()
-    for name in ("multi_similarity", "contrastive"):
-        for mode in ("clean", "embedding"):
+
+    def sweep(name, modes):
+        for mode in modes:
             for b in BATCHES:
                 for impl in impls:
                     if (impl, name, mode) in oom:
@@ -173,13 +187,42 @@ def main():
                                          peak_mb=float("nan"), status="skipped: OOM at a smaller B"))
                     elif not attempt(impl, name, mode, b) and ROWS[-1]["status"] == "OOM":
                         oom.add((impl, name, mode))
+
+    limits = card_limits()
+    sweep("multi_similarity", ("embedding", "clean"))  # the targets first, in case the budget runs out
+    fits = {impl: largest_batch(impl) for impl in fused + ["reference"]}
+    sweep("contrastive", ("clean", "embedding"))
     for count in PROXY_COUNTS:
         for mode in ("clean", "embedding"):
             for b in PROXY_BATCHES:
                 for impl in impls:
                     attempt(impl, "proxy_anchor", mode, b, count)
-    fits = {impl: largest_batch(impl) for impl in fused + ["reference"]}
-    write(fused, fits)
+    write(fused, fits, limits)
+
+
+def limit_lines(fused, limits):
+    """How far the fused rows are from the card: clean rows as matmul work (fwd s = 2 B^2 d, bwd
+    recomputes s and forms two gradients, 6 B^2 d) over the measured matmul rate; mixed rows as
+    mixed-pair evaluations per second (fwd + the two backward passes) over the exp-unit rate."""
+    if limits is None:
+        return []
+    tflops, gbs = limits
+    # special-function units: 16 exp per clock per SM at the H100/H200 boost clock of 1.98 GHz
+    exp_rate = 16 * torch.cuda.get_device_properties(DEVICE).multi_processor_count * 1.98e9
+    lines = ["", f"Card limits measured in this run: float32 matmul {tflops:.1f} TFLOP/s, copy {gbs:.0f} GB/s.", "",
+             "| impl | loss | mode | B | achieved | of the card |", "|---|---|---|---|---|---|"]
+    for row in ROWS:
+        if row["impl"] not in fused or row["status"] != "ok" or row["proxies"]:
+            continue
+        b, sec = row["B"], row["ms"] / 1e3
+        if row["mode"] == "clean":
+            rate = 8 * b * b * D / sec / 1e12
+            lines.append(f"| {row['impl']} | {row['loss']} | clean | {b} | {rate:.2f} TFLOP/s | {rate / tflops:.1%} |")
+        else:
+            rate = 3 * b * 4 * (b - 4) / sec  # anchors x (P(a) + {a}) x N(a), 4 per class; fwd + 2 bwd passes
+            lines.append(f"| {row['impl']} | {row['loss']} | embedding | {b} | {rate / 1e9:.1f} G mixed-pair"
+                         f" evaluations/s | {rate / exp_rate:.1%} of one exp per evaluation |")
+    return lines
 
 
 def cell(row):
@@ -189,7 +232,7 @@ def cell(row):
     return f"{row['ms']:.3f} ms{mem}"
 
 
-def write(fused, fits):
+def write(fused, fits, limits=None):
     os.makedirs(ARGS.out, exist_ok=True)
     gpu = torch.cuda.get_device_name(DEVICE) if CUDA else platform.processor() or "cpu"
     header = [
@@ -226,7 +269,7 @@ def write(fused, fits):
         fit_lines.append(f"- {impl}: {best}{' (search cap reached: at least this)' if capped else ''}")
     if fused and fits.get("reference", (0,))[0]:
         fit_lines.append(f"- ratio {lead} / reference: >= {fits[lead][0] / fits['reference'][0]:.0f}x")
-    text = "\n".join(header + lines + fit_lines) + "\n"
+    text = "\n".join(header + lines + fit_lines + limit_lines(fused, limits)) + "\n"
     with open(os.path.join(ARGS.out, "gpu-bench.md"), "w") as handle:
         handle.write(text)
     with open(os.path.join(ARGS.out, "gpu-bench.csv"), "w", newline="") as handle:
