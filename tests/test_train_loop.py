@@ -100,3 +100,17 @@ def test_presets_resolve():
     assert sop.loss_params["neg_margin"] == 0.7
     base = resolve(parser().parse_args(["--mixup", "none"]))
     assert base.mixup is None and base.method == "baseline"
+
+
+def test_resnet50_weights_from_a_local_file_and_no_download(tmp_path, monkeypatch):
+    from torchvision.models import resnet50
+
+    from metrix_kernels.train.model import build_model
+
+    state = resnet50(weights=None).state_dict()
+    torch.save(state, tmp_path / "r50.pth")
+    model = build_model("resnet50", 8, str(tmp_path / "r50.pth"), freeze_bn=True)
+    assert torch.equal(model.backbone[0].weight, state["conv1.weight"])
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError, match="does not\\s+download"):
+        build_model("resnet50", 8, "imagenet")
