@@ -36,7 +36,8 @@ def _cpu_extension(CppExtension):
     if _flag("METRIX_NO_CPU_EXT"):
         return None
     march = os.environ.get("METRIX_CPU_MARCH", "native").strip()
-    flags = ["-O3", "-fopenmp"] + ([f"-march={march}"] if march else [])
+    # no errno and no trapping math (as torch itself is built): lets the exp loops vectorize
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + ([f"-march={march}"] if march else [])
     sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     return CppExtension("metrix_kernels._cpu", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"])
 

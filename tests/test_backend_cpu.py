@@ -201,6 +201,21 @@ def test_mixpool(dtype, batch, pairs, channels, height, width, lam, seed):
     close(grad, want, dtype)
 
 
+def test_inputs_that_require_grad_over_many_tiles():
+    """The ops layer hands over leaves that require grad; every worker thread must cope."""
+    gen = torch.Generator().manual_seed(0)
+    terms = terms_of("multi_similarity")
+    e = unit(300, 16, gen, torch.float32).requires_grad_(True)
+    labels, index = torch.arange(300) // 8, torch.arange(300)
+    cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, 1)
+    stats = cpu.pairwise_forward(e, labels, labels, index, e, labels, labels, index, 1.0, cfg)
+    g = torch.ones(300)
+    cpu.pairwise_backward(e, labels, labels, index, e, labels, labels, index, 1.0, cfg, stats, g, g)
+    cfg = cfg._replace(member=MEMBER_RULES["pos-neg"])
+    stats = cpu.gram_mixed_forward(e, labels, index, e, labels, 0.3, cfg)
+    cpu.gram_mixed_backward(e, labels, index, e, labels, 0.3, cfg, stats, g, g)
+
+
 def test_half_inputs_run_in_float32():
     gen = torch.Generator().manual_seed(0)
     terms = terms_of("multi_similarity")

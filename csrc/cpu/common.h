@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace metrix {
@@ -33,7 +34,7 @@ inline Sigma sigma_from(const std::vector<double>& v) {
 // exp on floats without a library call, so that loops over a row vectorize (Cephes expf
 // polynomial, about 1 ulp). exp(x) is 0 below -87 (and for -inf); inputs above 88 never meet a
 // counted pair.
-inline float fast_exp(float x) {
+[[gnu::always_inline]] inline float fast_exp(float x) {
   const bool zero = !(x >= -87.0f);
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
@@ -51,26 +52,32 @@ inline float fast_exp(float x) {
   std::memcpy(&scale, &bits, sizeof scale);
   return zero ? 0.0f : p * scale;
 }
-inline double fast_exp(double x) { return std::exp(x); }
+[[gnu::always_inline]] inline double fast_exp(double x) { return std::exp(x); }
 
 // x = scale * t(s) + shift and dx/ds, t in {s, d = sqrt(max(2 - 2s, 0)), d2 = max(2 - 2s, 0)};
 // the derivative of d is 0 at d = 0 and that of d2 follows torch's clamp_min (kept at the clamp).
-template <typename T>
-inline T argument(const Sigma& p, T s) {
-  T t = s;
-  if (p.of != OF_S) {
-    const T u = std::max(T(2) - T(2) * s, T(0));
-    t = p.of == OF_D2 ? u : std::sqrt(u);
-  }
-  return T(p.scale) * t + T(p.shift);
+// OF is a template argument so that the loops over a row are branch-free and vectorize.
+template <int OF, typename T>
+[[gnu::always_inline]] inline T argument(T s, T scale, T shift) {
+  if (OF == OF_S) return scale * s + shift;
+  const T u = std::max(T(2) - T(2) * s, T(0));
+  return scale * (OF == OF_D2 ? u : std::sqrt(u)) + shift;
 }
 
-template <typename T>
-inline T argument_grad(const Sigma& p, T s) {
-  if (p.of == OF_S) return T(p.scale);
+template <int OF, typename T>
+[[gnu::always_inline]] inline T argument_grad(T s, T scale) {
+  if (OF == OF_S) return scale;
   const T u = T(2) - T(2) * s;
-  if (p.of == OF_D2) return u >= T(0) ? T(-2) * T(p.scale) : T(0);
-  return u > T(0) ? -T(p.scale) / std::sqrt(u) : T(0);
+  if (OF == OF_D2) return u >= T(0) ? T(-2) * scale : T(0);
+  return u > T(0) ? -scale / std::sqrt(std::max(u, T(1e-30))) : T(0);
+}
+
+// Runs f(std::integral_constant<int, OF>) for the sigma input of p.
+template <typename F>
+inline void with_input(const Sigma& p, F f) {
+  if (p.of == OF_S) return f(std::integral_constant<int, OF_S>{});
+  if (p.of == OF_D) return f(std::integral_constant<int, OF_D>{});
+  f(std::integral_constant<int, OF_D2>{});
 }
 
 // Non-exponential sigma values and derivatives (exp is handled in log space by the callers).
@@ -137,37 +144,59 @@ struct Term {
 template <typename T>
 void reduce_term(const Sigma& p, const T* s, const T* w, const T* lw, int64_t n, Term& term) {
   constexpr T none = -std::numeric_limits<T>::infinity();
-  int64_t used = 0;
-  if (p.form == EXP) {
-    T m = none;
-    for (int64_t k = 0; k < n; ++k) {
-      m = std::max(m, argument(p, s[k]) + lw[k]);
-      used += lw[k] > none;
+  const T scale = T(p.scale), shift = T(p.shift);
+  const int form = p.form;
+  with_input(p, [&](auto of) {
+    constexpr int OF = decltype(of)::value;
+    int64_t used = 0;
+    if (form == EXP) {
+      T m = none;
+#pragma omp simd reduction(max : m) reduction(+ : used)
+      for (int64_t k = 0; k < n; ++k) {
+        m = std::max(m, argument<OF>(s[k], scale, shift) + lw[k]);
+        used += lw[k] > none;
+      }
+      if (used == 0) return;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < n; ++k) sum += fast_exp(argument<OF>(s[k], scale, shift) + lw[k] - m);
+      term.nnz += used;
+      term.merge_exp(m, sum);
+      return;
     }
-    if (used == 0) return;
     T sum = 0;
-    for (int64_t k = 0; k < n; ++k) sum += fast_exp(argument(p, s[k]) + lw[k] - m);
+    for (int64_t k = 0; k < n; ++k) {
+      if (lw[k] == none) continue;
+      const T v = sigma_value(form, argument<OF>(s[k], scale, shift));
+      sum += w[k] * v;
+      used += v > T(0);
+    }
+    term.sum += sum;
     term.nnz += used;
-    term.merge_exp(m, sum);
-    return;
-  }
-  T sum = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    if (lw[k] == none) continue;
-    const T v = sigma_value(p.form, argument(p, s[k]));
-    sum += w[k] * v;
-    used += v > T(0);
-  }
-  term.sum += sum;
-  term.nnz += used;
+  });
 }
 
-// dL/ds of one pair from the term's weight, saved sum (lse) and upstream gradient g.
+// d[k] += g * d term / d s_k along a row, from the term's weights and saved sum (lse).
 template <typename T>
-inline T term_grad(const Sigma& p, T s, T w, T lw, T lse, T g) {
-  const T x = argument(p, s);
-  const T dv = p.form == EXP ? fast_exp(x + lw - lse) : w * sigma_grad(p.form, x);
-  return g * dv * argument_grad(p, s);
+void add_term_grad(const Sigma& p, const T* s, const T* w, const T* lw, int64_t n, T lse, T g, T* d) {
+  if (g == T(0)) return;
+  constexpr T none = -std::numeric_limits<T>::infinity();
+  const T scale = T(p.scale), shift = T(p.shift);
+  const int form = p.form;
+  with_input(p, [&](auto of) {
+    constexpr int OF = decltype(of)::value;
+    if (form == EXP) {
+      // w exp(x) / exp(lse) = exp(x + lw - lse); 0 where lw = -inf
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k)
+        d[k] += g * fast_exp(argument<OF>(s[k], scale, shift) + lw[k] - lse) * argument_grad<OF>(s[k], scale);
+      return;
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      if (lw[k] == none) continue;
+      d[k] += g * w[k] * sigma_grad(form, argument<OF>(s[k], scale, shift)) * argument_grad<OF>(s[k], scale);
+    }
+  });
 }
 
 // Writes the [6, R] float32 statistics of the backend contract.

@@ -81,6 +81,11 @@ void mixed_sims(const Layout& L, int64_t a, int64_t i, int64_t j0, int64_t j1, T
   const T* Sa = L.S.data_ptr<T>() + a * L.B;
   const T* ri = L.r.data_ptr<T>() + i * L.B;
   const T sai = Sa[i];
+  if (!unordered) {
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) out[j - j0] = (lam * sai + (T(1) - lam) * Sa[j]) * ri[j];
+    return;
+  }
   for (int64_t j = j0; j < j1; ++j) {
     const T l = lam_on_i(L, i, j, lam, unordered);
     out[j - j0] = (l * sai + (T(1) - l) * Sa[j]) * ri[j];
@@ -110,6 +115,8 @@ at::Tensor gram_mixed_forward(at::Tensor anchors, at::Tensor anchor_label, at::T
     using scalar_t = decltype(zero);
 #pragma omp parallel
     {
+      // ATen calls in worker threads: autograd's thread-local state does not reach them
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::vector<scalar_t> s(L.B), w_p(L.B, scalar_t(wp.w)), lw_p(L.B, scalar_t(wp.lw)), w_n(L.B, scalar_t(wn.w)),
           lw_n(L.B, scalar_t(wn.lw));
 #pragma omp for schedule(dynamic, 4)
@@ -165,7 +172,10 @@ std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor ancho
     const scalar_t* r = L.r.data_ptr<scalar_t>();
 #pragma omp parallel
     {
-      std::vector<scalar_t> s(L.B);
+      // ATen calls in worker threads: autograd's thread-local state does not reach them
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::vector<scalar_t> s(L.B), d(L.B), w_p(L.B, scalar_t(wp.w)), lw_p(L.B, scalar_t(wp.lw)),
+          w_n(L.B, scalar_t(wn.w)), lw_n(L.B, scalar_t(wn.lw));
       scalar_t* g = dG.data_ptr<scalar_t>() + (private_dG ? omp_get_thread_num() * L.B * L.B : 0);
 #pragma omp for schedule(dynamic)
       for (int64_t k = 0; k < groups; ++k) {
@@ -179,17 +189,27 @@ std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor ancho
             mixed_sims<scalar_t>(L, a, i, j0, j1, lm, unordered, s.data());
             const scalar_t* ri = r + i * L.B;
             scalar_t* gi = g + i * L.B;
+            const int64_t n = j1 - j0;
+            std::fill(d.begin(), d.begin() + n, scalar_t(0));
+            add_term_grad(sp, s.data(), w_p.data(), lw_p.data(), n, lp, gpa, d.data());
+            add_term_grad(sn, s.data(), w_n.data(), lw_n.data(), n, ln, gna, d.data());
+            // ds/dS_ai = l r, ds/dS_aj = (1 - l) r, ds/dG_ij = -s lam (1 - lam) r^2 (0 where the norm was clamped)
             scalar_t dsi = 0;
-            for (int64_t j = j0; j < j1; ++j) {
-              const scalar_t v = s[j - j0];
-              scalar_t d = 0;  // dL/ds(a, ij)
-              if (gpa != scalar_t(0)) d += term_grad(sp, v, scalar_t(wp.w), scalar_t(wp.lw), lp, gpa);
-              if (gna != scalar_t(0)) d += term_grad(sn, v, scalar_t(wn.w), scalar_t(wn.lw), ln, gna);
-              const scalar_t l = lam_on_i(L, i, j, lm, unordered), rij = ri[j];
-              dsi += d * l * rij;
-              dSa[j] += d * (scalar_t(1) - l) * rij;
-              // ds/dG_ij = -s lam (1 - lam) r^2, zero where the norm was clamped
-              gi[j] -= rij < scalar_t(1e12) ? d * v * c * rij * rij : scalar_t(0);
+            if (!unordered) {
+#pragma omp simd reduction(+ : dsi)
+              for (int64_t j = j0; j < j1; ++j) {
+                const scalar_t dr = d[j - j0] * ri[j];
+                dsi += dr * lm;
+                dSa[j] += dr * (scalar_t(1) - lm);
+                gi[j] -= ri[j] < scalar_t(1e12) ? dr * s[j - j0] * c * ri[j] : scalar_t(0);
+              }
+            } else {
+              for (int64_t j = j0; j < j1; ++j) {
+                const scalar_t dr = d[j - j0] * ri[j], l = lam_on_i(L, i, j, lm, unordered);
+                dsi += dr * l;
+                dSa[j] += dr * (scalar_t(1) - l);
+                gi[j] -= ri[j] < scalar_t(1e12) ? dr * s[j - j0] * c * ri[j] : scalar_t(0);
+              }
             }
             dSa[i] += dsi;
           });

@@ -68,18 +68,14 @@ struct RowWeights {
   }
 };
 
-// dL/ds of one tile row, written over the similarities.
+// dL/ds of one tile row, written over the similarities (d: scratch of the row's length).
 template <typename T>
 void row_grad(const Sigma& sp, const Sigma& sn, T* s, const RowWeights<T>& w, int64_t n, T lse_p, T lse_n, T gp,
-              T gn) {
-  constexpr T none = -std::numeric_limits<T>::infinity();
-  for (int64_t k = 0; k < n; ++k) {
-    const T v = s[k];
-    T d = 0;
-    if (w.lwp[k] > none && gp != T(0)) d += term_grad(sp, v, w.wp[k], w.lwp[k], lse_p, gp);
-    if (w.lwn[k] > none && gn != T(0)) d += term_grad(sn, v, w.wn[k], w.lwn[k], lse_n, gn);
-    s[k] = d;
-  }
+              T gn, T* d) {
+  std::fill(d, d + n, T(0));
+  add_term_grad(sp, s, w.wp.data(), w.lwp.data(), n, lse_p, gp, d);
+  add_term_grad(sn, s, w.wn.data(), w.lwn.data(), n, lse_n, gn, d);
+  std::copy(d, d + n, s);
 }
 
 Pairs make_pairs(const at::Tensor& rli, const at::Tensor& rlj, const at::Tensor& ridx, const at::Tensor& cli,
@@ -110,6 +106,8 @@ at::Tensor pairwise_forward(at::Tensor rows, at::Tensor rli, at::Tensor rlj, at:
     using scalar_t = decltype(zero);
 #pragma omp parallel
     {
+      // ATen calls in worker threads: autograd's thread-local state does not reach them
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto tile = at::empty({tl.rt * tl.ct}, rows.options());
       RowWeights<scalar_t> w(tl.ct);
 #pragma omp for schedule(dynamic)
@@ -156,9 +154,12 @@ std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::T
     using scalar_t = decltype(zero);
 #pragma omp parallel
     {
+      // ATen calls in worker threads: autograd's thread-local state does not reach them
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto tile = at::empty({tl.rt * tl.ct}, rows.options());
       auto my_cols = grad_cols[omp_get_thread_num()];
       RowWeights<scalar_t> w(tl.ct);
+      std::vector<scalar_t> d(tl.ct);
 #pragma omp for schedule(dynamic)
       for (int64_t t = 0; t < tl.row_tiles; ++t) {
         const int64_t r0 = t * tl.rt, rn = std::min(tl.rt, R - r0);
@@ -172,7 +173,7 @@ std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::T
           for (int64_t k = 0; k < rn; ++k) {
             const int64_t r = r0 + k;
             w.fill(P, r, c0, cn);
-            row_grad<scalar_t>(sp, sn, s + k * cn, w, cn, lse_p[r], lse_n[r], gp[r], gn[r]);
+            row_grad<scalar_t>(sp, sn, s + k * cn, w, cn, lse_p[r], lse_n[r], gp[r], gn[r], d.data());
           }
           grad_rows.narrow(0, r0, rn).addmm_(sim, col_block);
           my_cols.narrow(0, c0, cn).addmm_(sim.t(), row_block);

@@ -50,12 +50,13 @@ def _sigma(s: Sigma) -> list[float]:
 
 
 def _native(x: torch.Tensor) -> torch.Tensor:
-    """The kernels run in float32 or float64; half inputs are computed in float32."""
-    return (x if x.dtype in _NATIVE else x.float()).contiguous()
+    """The kernels run in float32 or float64; half inputs are computed in float32. Detached: the
+    kernels' worker threads do not see the caller's no-autograd state."""
+    return (x if x.dtype in _NATIVE else x.float()).detach().contiguous()
 
 
 def _long(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.int64).contiguous()
+    return x.detach().to(torch.int64).contiguous()
 
 
 def _pairwise_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index, lam, cfg,
@@ -80,7 +81,7 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
                       lam: float, cfg: KernelConfig, stats, grad_pos_sum, grad_neg_sum, member_mask=None):
     args = _pairwise_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
                           lam, cfg, member_mask)
-    grad_rows, grad_cols = _lib().pairwise_backward(*args, stats, grad_pos_sum, grad_neg_sum)
+    grad_rows, grad_cols = _lib().pairwise_backward(*args, stats.detach(), grad_pos_sum.detach(), grad_neg_sum.detach())
     return grad_rows.to(rows.dtype), grad_cols.to(cols.dtype)
 
 
@@ -99,7 +100,8 @@ def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam: fl
 def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam: float, cfg: KernelConfig,
                         stats, grad_pos_sum, grad_neg_sum):
     args = _gram_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
-    grad_anchors, grad_emb = _lib().gram_mixed_backward(*args, stats, grad_pos_sum, grad_neg_sum)
+    grad_anchors, grad_emb = _lib().gram_mixed_backward(*args, stats.detach(), grad_pos_sum.detach(),
+                                                        grad_neg_sum.detach())
     return grad_anchors.to(anchors.dtype), grad_emb.to(emb.dtype)
 
 
@@ -110,6 +112,6 @@ def mixpool_forward(features, i, j, lam: float):
 
 def mixpool_backward(grad_pooled, features, i, j, lam: float, argmax):
     f = _native(features)
-    grad = _lib().mixpool_backward(grad_pooled.to(f.dtype).contiguous(), f, _long(i), _long(j), float(lam),
+    grad = _lib().mixpool_backward(grad_pooled.detach().to(f.dtype).contiguous(), f, _long(i), _long(j), float(lam),
                                    argmax.to(torch.int32).contiguous())
     return grad.to(features.dtype)
