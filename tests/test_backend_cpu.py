@@ -256,7 +256,7 @@ def _e2e_close(actual, expected, dtype):
 
 @given(
     loss=st.sampled_from(LOSSES), dtype=st.sampled_from(DTYPES), pairs=st.sampled_from((None,) + PAIR_SETS),
-    batch=st.integers(1, 20), dim=st.sampled_from([2, 5, 16]), classes=st.integers(1, 4),
+    batch=st.integers(1, 20), dim=st.sampled_from([3, 5, 16]), classes=st.integers(1, 4),
     label_mode=st.sampled_from(["interpolate", "negative", "dominant"]), lam=LAMS,
     seed=st.integers(0, 2**31 - 1),
 )

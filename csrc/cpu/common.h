@@ -52,7 +52,7 @@ inline Sigma sigma_from(const std::vector<double>& v) {
   std::memcpy(&scale, &bits, sizeof scale);
   return zero ? 0.0f : p * scale;
 }
-[[gnu::always_inline]] inline double fast_exp(double x) { return std::exp(x); }
+[[gnu::always_inline]] inline double fast_exp(double x) { return x >= -745.0 ? std::exp(x) : 0.0; }  // 0 for NaN = -inf - -inf
 
 // x = scale * t(s) + shift and dx/ds, t in {s, d = sqrt(max(2 - 2s, 0)), d2 = max(2 - 2s, 0)};
 // the derivative of d is 0 at d = 0 and that of d2 follows torch's clamp_min (kept at the clamp).
