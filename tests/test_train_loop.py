@@ -36,6 +36,7 @@ def test_digits_end_to_end_writes_every_output(tmp_path):
 @pytest.mark.parametrize(
     "args",
     [
+        ["--backend", "auto"],  # the default path, on whichever backend this machine has
         ["--loss", "contrastive", "--mixup", "input"],
         ["--loss", "proxy_anchor", "--mixup", "embedding"],
         ["--loss", "proxy_nca_pp", "--method", "baseline"],
