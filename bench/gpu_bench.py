@@ -188,10 +188,14 @@ def main():
                     elif not attempt(impl, name, mode, b) and ROWS[-1]["status"] == "OOM":
                         oom.add((impl, name, mode))
 
+    # the targets first, and the table rewritten after each part, in case the time limit cuts the run
     limits = card_limits()
-    sweep("multi_similarity", ("embedding", "clean"))  # the targets first, in case the budget runs out
+    sweep("multi_similarity", ("embedding", "clean"))
+    write(fused, {}, limits)
     fits = {impl: largest_batch(impl) for impl in fused + ["reference"]}
+    write(fused, fits, limits)
     sweep("contrastive", ("clean", "embedding"))
+    write(fused, fits, limits)
     for count in PROXY_COUNTS:
         for mode in ("clean", "embedding"):
             for b in PROXY_BATCHES:
@@ -278,7 +282,6 @@ def write(fused, fits, limits=None):
         writer.writeheader()
         for row in ROWS:
             writer.writerow(dict(gpu=gpu, torch=torch.__version__, triton=_version("triton"), **row))
-    print(text)
 
 
 def _version(module):

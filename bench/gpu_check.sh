@@ -5,7 +5,8 @@
 #   3. the benchmark table: fused (triton, cuda) vs reference vs pytorch-metric-learning,
 #   4. the trainer's step time with Metrix (ResNet-50, B = 100, 224 px) against the clean step.
 #   bash bench/gpu_check.sh RESULTS_DIR     (BUDGET=seconds for the table, default 150)
-# Results: gpu-bench.md / .csv, step-time.txt, summary.txt, and every log in logs.tar.gz.
+# Results: gpu-bench.md / .csv (rewritten after each part), step-time.txt, summary.txt, bench.log,
+# and the build and test logs in test-logs.tar.gz.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh RESULTS_DIR}
 mkdir -p "$OUT/logs"
@@ -54,6 +55,8 @@ for k in "${!pids[@]}"; do
     echo "${names[$k]}: $result: $(tail -n 1 "$LOGS/test_${names[$k]}.log")" >> "$OUT/summary.txt"
 done
 echo "tests done at $(elapsed)" >> "$OUT/summary.txt"
+# at most 8 files come back from the device: pack the test logs now, in case a later step is cut
+tar -czf "$OUT/test-logs.tar.gz" -C "$LOGS" . && rm -f "$LOGS"/*
 
 "$PY" bench/gpu_bench.py --out "$OUT" --backends "$backends" --budget "${BUDGET:-150}" > "$LOGS/bench.log" 2>&1 \
     || { status=1; echo "gpu_bench FAILED (logs/bench.log)" >> "$OUT/summary.txt"; }
@@ -64,6 +67,6 @@ echo "bench done at $(elapsed)" >> "$OUT/summary.txt"
     || { status=1; echo "step_time FAILED (step-time.txt)" >> "$OUT/summary.txt"; }
 echo "all done at $(elapsed), status $status" >> "$OUT/summary.txt"
 
-tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -r "$LOGS"
+mv "$LOGS/bench.log" "$OUT/" && rmdir "$LOGS"
 cat "$OUT/summary.txt" "$OUT/step-time.txt" "$OUT/gpu-bench.md" 2>/dev/null
 exit $status
