@@ -7,6 +7,9 @@ end to end against backend="reference" for every loss and pair set, loss and gra
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,7 @@ from metrix_kernels import FAMILY, metrix_loss, reference
 from metrix_kernels.backends import KernelConfig, MEMBER_RULES, cpu
 from metrix_kernels.family import resolve
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="metrix_kernels._cpu is not built")
+built = pytest.mark.skipif(not cpu.available(), reason="metrix_kernels._cpu is not built")
 
 LOSSES = sorted(FAMILY)
 DTYPES = (torch.float32, torch.float64)
@@ -97,6 +100,7 @@ def unit(n, d, gen, dtype):
     return F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).to(dtype)
 
 
+@built
 @given(
     loss=st.sampled_from(LOSSES), dtype=st.sampled_from(DTYPES), rows=st.integers(0, 37), cols=st.integers(0, 45),
     dim=st.sampled_from([3, 16, 33]), classes=st.integers(1, 5), member=st.integers(0, 5),
@@ -132,6 +136,7 @@ def mixed_candidates(labels, pair_set):
     return i[keep], j[keep]
 
 
+@built
 @given(
     loss=st.sampled_from(LOSSES), dtype=st.sampled_from(DTYPES), batch=st.integers(1, 24),
     dim=st.sampled_from([3, 16, 33]), classes=st.integers(1, 5), pair_set=st.sampled_from(PAIR_SETS),
@@ -182,6 +187,7 @@ def tangent(g, e):
     return g - (g * e).sum(1, keepdim=True) * e
 
 
+@built
 @given(
     dtype=st.sampled_from(DTYPES), batch=st.integers(1, 6), pairs=st.integers(0, 12), channels=st.integers(1, 5),
     height=st.integers(1, 4), width=st.integers(1, 5), lam=LAMS, seed=st.integers(0, 2**31 - 1),
@@ -201,6 +207,7 @@ def test_mixpool(dtype, batch, pairs, channels, height, width, lam, seed):
     close(grad, want, dtype)
 
 
+@built
 def test_inputs_that_require_grad_over_many_tiles():
     """The ops layer hands over leaves that require grad; every worker thread must cope."""
     gen = torch.Generator().manual_seed(0)
@@ -216,6 +223,7 @@ def test_inputs_that_require_grad_over_many_tiles():
     cpu.gram_mixed_backward(e, labels, index, e, labels, 0.3, cfg, stats, g, g)
 
 
+@built
 def test_half_inputs_run_in_float32():
     gen = torch.Generator().manual_seed(0)
     terms = terms_of("multi_similarity")
@@ -254,6 +262,7 @@ def _e2e_close(actual, expected, dtype):
     close(actual, expected, torch.float32)
 
 
+@built
 @given(
     loss=st.sampled_from(LOSSES), dtype=st.sampled_from(DTYPES), pairs=st.sampled_from((None,) + PAIR_SETS),
     batch=st.integers(1, 20), dim=st.sampled_from([3, 5, 16]), classes=st.integers(1, 4),
@@ -272,6 +281,7 @@ def test_metrix_loss_embedding_mixup(loss, dtype, pairs, batch, dim, classes, la
         _e2e_close(g, w, dtype)
 
 
+@built
 @given(
     loss=st.sampled_from(LOSSES), mixup=st.sampled_from(["feature", "input"]), pairs=st.sampled_from(PAIR_SETS),
     batch=st.integers(1, 12), classes=st.integers(1, 4), lam=LAMS, seed=st.integers(0, 2**31 - 1),
@@ -303,6 +313,7 @@ def test_metrix_loss_feature_and_input_mixup(loss, mixup, pairs, batch, classes,
             _e2e_close(g, w, torch.float32)
 
 
+@built
 def test_auto_picks_cpu_on_cpu_tensors(monkeypatch):
     calls = []
     original = cpu.pairwise_forward
@@ -310,3 +321,21 @@ def test_auto_picks_cpu_on_cpu_tensors(monkeypatch):
     emb, labels = torch.randn(8, 4), torch.arange(8) // 2
     metrix_loss(emb, labels, mixup=None, backend="auto")
     assert calls
+
+
+def test_missing_extension_warns_and_falls_back():
+    """Without the compiled module: no ImportError, one logged warning, backend="auto" -> reference."""
+    script = (
+        "import sys; sys.modules['metrix_kernels._cpu'] = None\n"
+        "import torch\n"
+        "from metrix_kernels import metrix_loss\n"
+        "from metrix_kernels.backends import cpu\n"
+        "assert not cpu.available()\n"
+        "emb, labels = torch.randn(8, 4), torch.arange(8) // 2\n"
+        "auto = metrix_loss(emb, labels, lam=0.5, pairs='pos-neg', backend='auto')\n"
+        "ref = metrix_loss(emb, labels, lam=0.5, pairs='pos-neg', backend='reference')\n"
+        "assert torch.equal(auto, ref)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "compiled CPU kernels are not available" in done.stderr

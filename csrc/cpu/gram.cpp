@@ -19,8 +19,9 @@ struct Layout {
   int64_t A, B;
 };
 
+// same_anchors: the anchors are the embeddings themselves, so S is a row permutation of G.
 Layout layout(const at::Tensor& anchors, const at::Tensor& anchor_label, const at::Tensor& anchor_index,
-              const at::Tensor& emb, const at::Tensor& labels, double lam) {
+              const at::Tensor& emb, const at::Tensor& labels, double lam, bool same_anchors) {
   Layout L;
   L.A = anchors.size(0), L.B = emb.size(0);
   auto sorted = labels.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -39,9 +40,9 @@ Layout layout(const at::Tensor& anchors, const at::Tensor& anchor_label, const a
     L.pos[a] = ai[a] >= 0 ? where[ai[a]] : -1;
   }
   L.emb_s = emb.index_select(0, L.perm);
-  L.S = at::mm(anchors, L.emb_s.t());
-  // r_ij = 1 / max(sqrt(lam^2 + (1 - lam)^2 + 2 lam (1 - lam) G_ij), 1e-12), in place of G
   L.r = at::mm(L.emb_s, L.emb_s.t());
+  L.S = same_anchors ? L.r.index_select(0, at::tensor(where, L.perm.options())) : at::mm(anchors, L.emb_s.t());
+  // r_ij = 1 / max(sqrt(lam^2 + (1 - lam)^2 + 2 lam (1 - lam) G_ij), 1e-12), in place of G
   const double q = lam * lam + (1 - lam) * (1 - lam), c = 2 * lam * (1 - lam);
   L.r.mul_(c).add_(q).clamp_min_(0).sqrt_().clamp_min_(1e-12).reciprocal_();
   return L;
@@ -102,10 +103,10 @@ double pair_set_label(int rule, int mode, double lam) {
 
 at::Tensor gram_mixed_forward(at::Tensor anchors, at::Tensor anchor_label, at::Tensor anchor_index,
                                  at::Tensor emb, at::Tensor labels, double lam, std::vector<double> sig_pos,
-                                 std::vector<double> sig_neg, int64_t member, int64_t mode) {
+                                 std::vector<double> sig_neg, int64_t member, int64_t mode, bool same_anchors) {
   TORCH_CHECK(member >= POS_NEG && member <= NEG_NEG, "gram_mixed: member must be a mixing pair set");
   const Sigma sp = sigma_from(sig_pos), sn = sigma_from(sig_neg);
-  const Layout L = layout(anchors, anchor_label, anchor_index, emb, labels, lam);
+  const Layout L = layout(anchors, anchor_label, anchor_index, emb, labels, lam, same_anchors);
   const int rule = static_cast<int>(member);
   const bool unordered = rule == POS_POS || rule == NEG_NEG;
   const Weight wp = Weight::of(pair_set_label(rule, static_cast<int>(mode), lam));
@@ -139,11 +140,11 @@ at::Tensor gram_mixed_forward(at::Tensor anchors, at::Tensor anchor_label, at::T
 std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor anchor_label,
                                                at::Tensor anchor_index, at::Tensor emb, at::Tensor labels,
                                                double lam, std::vector<double> sig_pos, std::vector<double> sig_neg,
-                                               int64_t member, int64_t mode, at::Tensor stats,
+                                               int64_t member, int64_t mode, bool same_anchors, at::Tensor stats,
                                                at::Tensor grad_pos, at::Tensor grad_neg) {
   TORCH_CHECK(member >= POS_NEG && member <= NEG_NEG, "gram_mixed: member must be a mixing pair set");
   const Sigma sp = sigma_from(sig_pos), sn = sigma_from(sig_neg);
-  const Layout L = layout(anchors, anchor_label, anchor_index, emb, labels, lam);
+  const Layout L = layout(anchors, anchor_label, anchor_index, emb, labels, lam, same_anchors);
   const int rule = static_cast<int>(member);
   const bool unordered = rule == POS_POS || rule == NEG_NEG;
   const Weight wp = Weight::of(pair_set_label(rule, static_cast<int>(mode), lam));

@@ -32,6 +32,7 @@ except ImportError as err:  # not built, or built against another torch
     )
 
 _NATIVE = (torch.float32, torch.float64)
+FLOAT64 = True  # float64 inputs are computed in float64 (backends contract)
 
 
 def available(device: Optional[torch.device] = None) -> bool:
@@ -87,9 +88,12 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
 
 def _gram_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
     dtype = torch.promote_types(_native(anchors).dtype, _native(emb).dtype)
+    anchors, emb = _native(anchors).to(dtype), _native(emb).to(dtype)
+    # example anchors: the anchor similarities are rows of the Gram matrix (one product less)
+    same = anchors.shape == emb.shape and torch.equal(anchors, emb)
     return (
-        _native(anchors).to(dtype), _long(anchor_label), _long(anchor_index), _native(emb).to(dtype), _long(labels),
-        float(lam), _sigma(cfg.sigma_pos), _sigma(cfg.sigma_neg), int(cfg.member), int(cfg.label_mode),
+        anchors, _long(anchor_label), _long(anchor_index), emb, _long(labels), float(lam), _sigma(cfg.sigma_pos),
+        _sigma(cfg.sigma_neg), int(cfg.member), int(cfg.label_mode), same,
     )
 
 
