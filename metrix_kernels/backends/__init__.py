@@ -20,6 +20,9 @@ index i; the other side is clean with label z and batch index a (-1 for a proxy)
 Clean pairs are the special case label_i == label_j, lam = 1. Membership (rule codes below) says
 whether a pair counts at all:  w_pos = member * y,  w_neg = member * (1 - y).
 
+A backend module may set FLOAT64 = True when it computes float64 inputs in float64; the ops layer
+hands every other backend float32 instead of float64.
+
 Functions (R rows reduced over V columns):
     pairwise_forward(rows, row_label_i, row_label_j, row_index,
                      cols, col_label_i, col_label_j, col_index, lam, cfg, member_mask=None) -> stats

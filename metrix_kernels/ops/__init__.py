@@ -23,6 +23,7 @@ from ..backends import (
 )
 from ..family import LossRow, Terms, TermStats, assemble
 from ..pairs import MixPlan
+from ._dispatch import backend_module
 from .gram import gram_mixed
 from .mixpool import mixpool
 from .pairwise import pairwise
@@ -30,9 +31,16 @@ from .pairwise import pairwise
 __all__ = ["clean_loss", "gram_mixed", "mixed_loss", "mixpool", "pairwise"]
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    # backends take float32 / float16 / bfloat16; float64 is computed in float32
-    return F.normalize(x.float() if x.dtype == torch.float64 else x, dim=-1)
+def _work_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
+    """float64 is computed in float64 only by backends that declare FLOAT64 (the cpu one), else in
+    float32; float32, float16 and bfloat16 stay as they are (float32 accumulation inside)."""
+    if dtype == torch.float64 and not getattr(backend_module(backend), "FLOAT64", False):
+        return torch.float32
+    return dtype
+
+
+def _normalize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return F.normalize(x.to(dtype), dim=-1)
 
 
 def _config(row: LossRow, terms: Terms, member: int, plan: Optional[MixPlan] = None, mixed_rows=False):
@@ -49,21 +57,22 @@ def _assemble(row: LossRow, terms: Terms, stats: torch.Tensor, dtype) -> torch.T
     return loss.to(dtype)
 
 
-def _proxy_side(proxies: torch.Tensor):
+def _proxy_side(proxies: torch.Tensor, dtype: torch.dtype):
     classes = torch.arange(proxies.shape[0], device=proxies.device)
-    return _normalize(proxies), classes, torch.full_like(classes, -1)
+    return _normalize(proxies, dtype), classes, torch.full_like(classes, -1)
 
 
 def clean_loss(row: LossRow, terms: Terms, embeddings, labels, proxies, backend: str) -> torch.Tensor:
     """reference.clean_loss on a fused backend."""
-    e = _normalize(embeddings)
+    work = _work_dtype(embeddings.dtype, backend)
+    e = _normalize(embeddings, work)
     index = torch.arange(labels.shape[0], device=labels.device)
     if row.anchors == "proxies":
-        p, classes, none = _proxy_side(proxies.to(e.dtype))
+        p, classes, none = _proxy_side(proxies, e.dtype)
         stats = pairwise(p, (classes, classes), none, e, (labels, labels), index, 1.0,
                          _config(row, terms, MEMBER_ALL), backend)
     elif row.candidates == "proxies":
-        p, classes, none = _proxy_side(proxies.to(e.dtype))
+        p, classes, none = _proxy_side(proxies, e.dtype)
         stats = pairwise(e, (labels, labels), index, p, (classes, classes), none, 1.0,
                          _config(row, terms, MEMBER_ALL), backend)
     else:
@@ -72,15 +81,15 @@ def clean_loss(row: LossRow, terms: Terms, embeddings, labels, proxies, backend:
     return _assemble(row, terms, stats, embeddings.dtype)
 
 
-def _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend) -> torch.Tensor:
+def _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend, work) -> torch.Tensor:
     """The normalized [M, d] mixed embeddings (feature and input mixup; embedding mixup only for
     proxy-candidate losses, whose anchors are the mixed examples themselves)."""
     if mixup == "embedding":
-        e = _normalize(embeddings)
-        return _normalize(plan.lam * e[plan.i] + (1.0 - plan.lam) * e[plan.j])
+        e = _normalize(embeddings, work)
+        return _normalize(plan.lam * e[plan.i] + (1.0 - plan.lam) * e[plan.j], work)
     if mixup == "feature":
-        return _normalize(head(mixpool(features, plan.i, plan.j, plan.lam, backend)))
-    return _normalize(model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]))
+        return _normalize(head(mixpool(features, plan.i, plan.j, plan.lam, backend)), work)
+    return _normalize(model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]), work)
 
 
 def mixed_loss(
@@ -91,18 +100,18 @@ def mixed_loss(
     """reference.mixed_loss on a fused backend.
 
     Embedding mixup without an explicit member mask reads only plan.lam, plan.pair_set and
-    plan.label_mode: its pairs are all those of the pair set (api.plan_mixing's batch_pairs), which
-    the Gram op enumerates itself, so plan.i / plan.j are not read.
+    plan.label_mode: the Gram op enumerates the pairs itself, so plan.i / plan.j are never listed.
     """
+    work = _work_dtype(embeddings.dtype, backend)
     if row.candidates == "proxies":
         # the mixed examples are the anchors; every proxy is a candidate with a soft label
-        m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend)
-        p, classes, none = _proxy_side(proxies.to(m.dtype))
+        m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend, work)
+        p, classes, none = _proxy_side(proxies, m.dtype)
         stats = pairwise(m, (labels[plan.i], labels[plan.j]), plan.i, p, (classes, classes), none, plan.lam,
                          _config(row, terms, MEMBER_ALL, plan, mixed_rows=True), backend)
         return _assemble(row, terms, stats, embeddings.dtype)
     rule = MEMBER_RULES[plan.pair_set]
-    e = _normalize(embeddings)
+    e = _normalize(embeddings, work)
     if mixup == "embedding" and plan.member is None and plan.pair_set in ("pos-neg", "anc-neg"):
         # Ordered pairs: grouping the batch by class changes no pair and no sum over anchors, and
         # lets the Gram kernel skip whole tiles without a member. (pos-pos / neg-neg put lam on the
@@ -111,7 +120,7 @@ def mixed_loss(
         e, labels = e[order], labels[order]
     if row.anchors == "proxies":
         # a proxy stands for its whole class: anc-neg is pos-neg, and no per-anchor mask applies
-        anchors, anchor_labels, anchor_index = _proxy_side(proxies.to(e.dtype))
+        anchors, anchor_labels, anchor_index = _proxy_side(proxies, e.dtype)
         rule = MEMBER_POS_NEG if rule == MEMBER_ANC_NEG else rule
         member_mask = None
     else:
@@ -122,7 +131,7 @@ def mixed_loss(
     if mixup == "embedding" and member_mask is None:
         stats = gram_mixed(anchors, anchor_labels, anchor_index, e, labels, plan.lam, cfg, backend)
     else:
-        m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend)
+        m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend, work)
         stats = pairwise(anchors, (anchor_labels, anchor_labels), anchor_index, m, (labels[plan.i], labels[plan.j]), plan.i,
                          plan.lam, cfg, backend, member_mask=member_mask)
     return _assemble(row, terms, stats, embeddings.dtype)
