@@ -10,10 +10,12 @@ import json
 import sys
 from typing import Optional
 
+import torch.distributed as dist
+
 from ..family import FAMILY
 from ..pairs import DEFAULT_PAIRS, LABEL_MODES, PAIR_SETS
 from .data import DATASETS
-from .loop import Config, Trainer
+from .loop import Config, Trainer, init_distributed
 from .model import BACKBONES
 from .presets import COMPARISON_METHODS, DATASET_RECIPES, LOSS_RECIPES, METRIX
 
@@ -44,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     add("--pretrained", help="'imagenet' (torchvision's cache, no download), a .pth path, or 'none'")
     add("--embedding-size", type=int)
     add("--image-size", type=int)
-    add("--batch-size", type=int)
+    add("--batch-size", type=int, help="global batch, split over the processes under torchrun")
     add("--sampler", choices=["random", "balanced"])
     add("--samples-per-class", type=int, help="balanced sampling")
     add("--lr", type=float)
@@ -116,11 +118,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         print(json.dumps(asdict(config), indent=2))
         return 0
+    distributed = init_distributed(config.device)  # under torchrun: one process per device
     try:
         results = Trainer(config, resume=args.resume).fit()
     except FileNotFoundError as error:
         print(f"metrix-train: {error}", file=sys.stderr)
         return 2
+    finally:
+        if distributed:
+            dist.destroy_process_group()
     if results is not None:
         recall = "  ".join(f"R@{k} {v:.2f}" for k, v in results["final"]["recall"].items())
         print(f"{config.dataset} {config.loss} {results['method']}: {recall}")

@@ -3,6 +3,12 @@
 Determinism: batch order is a function of (seed, epoch) (sampling.py), lam and the pair set come
 from a dedicated generator, and a checkpoint holds every RNG state, so ``resume`` continues to the
 same numbers as an uninterrupted run on the CPU.
+
+Under torchrun (``init_distributed``), batch_size is the global batch: each rank trains on its slice
+(sampling.py), the model runs under DistributedDataParallel and the loss gathers the global batch
+(MetrixLoss(process_group="world")), so the update is that of one process on the whole batch,
+except where layers depend on the batch (BatchNorm in training mode normalizes each rank's slice).
+Rank 0 alone evaluates, logs, writes checkpoints and results.
 """
 from __future__ import annotations
 
@@ -11,15 +17,18 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import metrics
 from ..api import MetrixLoss, plan_mixing
+from ..distributed import gather
 from ..family import loss_row
 from ..pairs import batch_pairs
 from ..reference import pool
@@ -80,13 +89,35 @@ class Config:
     stop_after_epoch: Optional[int] = None  # stop as if interrupted (resume tests, time-sliced jobs)
 
 
-def _logger(out: Path) -> logging.Logger:
+def init_distributed(device: str = "auto") -> bool:
+    """Join the torchrun job this process was started in (RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous
+    come from the environment): nccl on CUDA, gloo on the CPU. False, doing nothing, for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # the other ranks wait in a collective while rank 0 alone evaluates: allow it more than the default
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+    return True
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _logger(out: Path, rank: int = 0) -> logging.Logger:
     log = logging.getLogger("metrix_kernels.train")
     log.setLevel(logging.INFO)
     log.propagate = False
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
+    if rank != 0:  # one log, rank 0's
+        return log
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     for handler in (logging.FileHandler(out / "train.log"), logging.StreamHandler()):
         handler.setFormatter(fmt)
@@ -105,14 +136,24 @@ def _progress(iterable, enabled: bool, **kwargs):
 def train_step(model, criterion, optimizer, x, y, mixup, generator, grad_clip) -> tuple[float, torch.Tensor]:
     """Forward, Metrix loss (clean + w * mixed), backward, clipped update; the loss and the embeddings."""
     embeddings, features = model(x, with_features=True)
+    # the mixed forward goes through the bare module: DistributedDataParallel's forward is for the clean batch
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     extra = {}
     if mixup == "feature":
-        extra = {"features": features, "head": model.head}
+        extra = {"features": features, "head": inner.head}
     elif mixup == "input":
-        extra = {"inputs": x, "model": model}
+        extra = {"inputs": x, "model": inner}
     loss = criterion(embeddings, y, generator=generator, **extra)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if criterion.process_group is not None:
+        # every rank computed the same proxy gradient; averaging keeps the replicas bit-identical
+        # where kernels are not deterministic (DDP does the same for the model)
+        world = dist.get_world_size()
+        for p in criterion.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
@@ -121,25 +162,28 @@ def train_step(model, criterion, optimizer, x, y, mixup, generator, grad_clip) -
 
 class Trainer:
     def __init__(self, config: Config, resume: bool = False):
+        self.rank, self.world_size = _world()
         self.out = Path(config.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.out / "checkpoint.pt"
         checkpoint = None
         if resume:
-            if not self.checkpoint_path.is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}")
-            checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+            checkpoint = self._read_checkpoint()
             saved = dict(checkpoint["config"])
             saved.update({k: getattr(config, k) for k in RUNTIME_FIELDS})
             saved["recall_ks"] = tuple(saved["recall_ks"])
             config = Config(**saved)
         self.cfg = cfg = config
-        self.log = _logger(self.out)
+        self.log = _logger(self.out, self.rank)
+        self.progress = cfg.progress and self.rank == 0
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if cfg.device == "auto" else cfg.device))
+        if self.world_size > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # init_distributed set LOCAL_RANK's
 
         self.splits = data.load(cfg.dataset, cfg.data_root)
         images = self.splits.images
@@ -156,7 +200,8 @@ class Trainer:
             cfg.loss, mixup=cfg.mixup, pairs=cfg.pairs, mix_alpha=cfg.mix_alpha, weight=cfg.weight,
             num_classes=self.splits.train.num_classes if proxies else None,
             embedding_size=cfg.embedding_size if proxies else None,
-            backend=cfg.backend, label_mode=cfg.label_mode, hard_negatives=cfg.hard_negatives, **cfg.loss_params,
+            backend=cfg.backend, label_mode=cfg.label_mode, hard_negatives=cfg.hard_negatives,
+            process_group="world" if self.world_size > 1 else None, **cfg.loss_params,
         ).to(self.device)
         groups = [{"params": list(self.model.parameters())}]
         if proxies:
@@ -164,6 +209,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_gamma)
         self.sampler = self._sampler(cfg.seed)
+        if self.world_size > 1:
+            self.sampler.shard(self.rank, self.world_size)
         self.loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.workers)
         self.mix_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.reservoir = MixedReservoir(cfg.reservoir_size, cfg.reservoir_per_step, cfg.seed + 2)
@@ -172,6 +219,10 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
             self.log.info(f"resumed from {self.checkpoint_path} after epoch {self.epoch}")
+        self._ddp, self._ddp_trainable = None, None
+        if self.world_size > 1:
+            for p in self.criterion.parameters():  # proxies: seeded alike on every rank, but make sure
+                dist.broadcast(p.data, src=0)
 
     def _sampler(self, seed: int):
         cfg, labels = self.cfg, self.splits.train.labels
@@ -190,20 +241,25 @@ class Trainer:
     # ---- training -----------------------------------------------------------------------------
 
     def fit(self) -> Optional[dict]:
-        """Train to the last epoch and evaluate; None when stopped early by stop_after_epoch."""
+        """Train to the last epoch and evaluate; None when stopped early by stop_after_epoch, and on
+        ranks other than 0."""
         previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
         if self.cfg.deterministic:
             # CPU scatter-adds (backward of indexing) otherwise vary in the last bits between runs
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            return self._fit()
+            results = self._fit()
+            if self.world_size > 1:
+                dist.barrier()  # the job ends when rank 0 has written the results
+            return results if self.rank == 0 else None
         finally:
             torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
     def _fit(self) -> Optional[dict]:
         cfg = self.cfg
-        self.log.info(f"{cfg.dataset} / {cfg.loss} / {cfg.method} (mixup={cfg.mixup}) on {self.device}: "
+        processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
+        self.log.info(f"{cfg.dataset} / {cfg.loss} / {cfg.method} (mixup={cfg.mixup}) on {self.device}{processes}: "
                       f"{len(self.splits.train)} train, {len(self.splits.test)} test examples, out={self.out}")
         while self.epoch < cfg.epochs:
             epoch = self.epoch
@@ -211,16 +267,19 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             entry = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **self._train_epoch(epoch)}
             self.scheduler.step()
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            if self.rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 entry["recall"] = self.evaluate_recall()
             self.history.append(entry)
             self.epoch = epoch + 1
-            self._save()
+            if self.rank == 0:
+                self._save()
             recall = f" R@1 {entry['recall']['1']:.2f}" if "recall" in entry else ""
             self.log.info(f"epoch {self.epoch}/{cfg.epochs} loss {entry['loss']:.4f} step {entry['step_ms']:.1f} ms{recall}")
             if cfg.stop_after_epoch and self.epoch >= cfg.stop_after_epoch and self.epoch < cfg.epochs:
                 self.log.info(f"stopped after epoch {self.epoch} (--stop-after-epoch); continue with --resume")
                 return None
+        if self.rank != 0:
+            return None
         results = self.results(self.evaluate())
         report.write(results, self.out)
         self.log.info("\n" + report.markdown(results))
@@ -230,7 +289,7 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict:
         self.model.train()
         losses, times = [], []
-        batches = _progress(self.loader, self.cfg.progress, desc=f"epoch {epoch + 1}/{self.cfg.epochs}")
+        batches = _progress(self.loader, self.progress, desc=f"epoch {epoch + 1}/{self.cfg.epochs}")
         for x, y, index in batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             start = time.perf_counter()
@@ -241,19 +300,39 @@ class Trainer:
             losses.append(loss)
             if self.cfg.mixup is not None:
                 self._record(mix_state, embeddings, y, index)
-            if self.cfg.progress:
+            if self.progress:
                 batches.set_postfix(loss=f"{loss:.4f}")
         return {"loss": float(np.mean(losses)), "step_ms": 1000.0 * float(np.median(times))}
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
         """One optimization step; returns the loss, the embeddings and the mix generator's prior state."""
         mix_state = self.mix_generator.get_state()
-        loss, embeddings = train_step(self.model, self.criterion, self.optimizer, x, y, self.cfg.mixup,
+        loss, embeddings = train_step(self._training_model(), self.criterion, self.optimizer, x, y, self.cfg.mixup,
                                       self.mix_generator, self.cfg.grad_clip)
         return loss, embeddings, mix_state
 
+    def _training_model(self) -> torch.nn.Module:
+        """The model, under DistributedDataParallel when distributed. DDP reduces the parameters that
+        required grad when it was built, so it is built again when warm-up freezes or thaws the backbone."""
+        if self.world_size == 1:
+            return self.model
+        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        if trainable != self._ddp_trainable:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp, self._ddp_trainable = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids), trainable
+        return self._ddp
+
     def _record(self, mix_state: torch.Tensor, embeddings: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:
-        """Replay the loss's draw (same generator state) to learn which pairs it mixed, with which lam."""
+        """Replay the loss's draw (same generator state) to learn which pairs it mixed, with which lam.
+
+        Distributed: the loss mixed pairs of the global batch with rank 0's draw, so rank 0 replays
+        its own generator on the gathered batch and alone keeps the reservoir."""
+        if self.world_size > 1:
+            group = dist.group.WORLD
+            embeddings, y, index = (gather(t, group) for t in (embeddings, y, index.to(y.device)))
+            index = index.cpu()
+            if self.rank != 0:
+                return
         replay = torch.Generator()
         replay.set_state(mix_state)
         c = self.criterion
@@ -369,6 +448,7 @@ class Trainer:
             "config": asdict(self.cfg),
             "method": self.cfg.method,
             "device": str(self.device),
+            "world_size": self.world_size,
             "torch": torch.__version__,
             "history": self.history,
             "step_ms": float(np.median(steps)),
@@ -376,6 +456,20 @@ class Trainer:
         }
 
     # ---- checkpoints --------------------------------------------------------------------------
+
+    def _read_checkpoint(self) -> dict:
+        """Rank 0 reads the checkpoint and sends it to the other ranks, which may run on machines without
+        the file."""
+        checkpoint = None
+        if self.rank == 0 and self.checkpoint_path.is_file():
+            checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        if self.world_size > 1:
+            box = [checkpoint]
+            dist.broadcast_object_list(box, src=0)
+            checkpoint = box[0]
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}")
+        return checkpoint
 
     def _save(self) -> None:
         state = {

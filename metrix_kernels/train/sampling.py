@@ -1,5 +1,9 @@
 """Batch samplers whose order is a pure function of (seed, epoch), so a resumed run sees the
 batches an uninterrupted one would; ``start`` skips the batches already trained this epoch.
+
+Under torch.distributed (``shard``) every rank draws the same global batches and yields its
+contiguous slice of each, in rank order: the union over ranks is exactly the single-process batch,
+so the balanced (classes x samples) structure holds for the global batch the loss gathers.
 """
 from __future__ import annotations
 
@@ -9,6 +13,18 @@ import torch
 class _EpochSampler(torch.utils.data.Sampler):
     def __init__(self, seed: int):
         self.seed, self.epoch, self.start = seed, 0, 0
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Yield rank ``rank``'s slice of every global batch (sizes differ by at most one)."""
+        if self.batch_size < world_size:
+            raise ValueError(f"batch size {self.batch_size} is smaller than the {world_size} processes")
+        self.rank, self.world_size = rank, world_size
+
+    def _slice(self, batch: list[int]) -> list[int]:
+        share, extra = divmod(len(batch), self.world_size)
+        start = self.rank * share + min(self.rank, extra)
+        return batch[start : start + share + (self.rank < extra)]
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -18,7 +34,7 @@ class _EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         batches = self.batches()
-        return iter(batches[self.start :])
+        return iter([self._slice(b) for b in batches[self.start :]])
 
     def __len__(self) -> int:
         return self.num_batches - self.start
