@@ -66,6 +66,14 @@ def _extensions() -> dict:
     class OptionalBuildExtension(BuildExtension):
         """A failed compile (no compiler, no OpenMP) costs the extension, not the install."""
 
+        def run(self):
+            try:
+                super().run()
+            except Exception as err:  # e.g. torch's compiler checks, before any extension
+                if _flag("METRIX_FORCE_EXT"):
+                    raise
+                _warn(f"no extension was built ({err}); the library falls back to the reference")
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
