@@ -129,5 +129,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             dist.destroy_process_group()
     if results is not None:
         recall = "  ".join(f"R@{k} {v:.2f}" for k, v in results["final"]["recall"].items())
-        print(f"{config.dataset} {config.loss} {results['method']}: {recall}")
+        cfg = results["config"]  # the checkpoint's settings when resumed
+        print(f"{cfg['dataset']} {cfg['loss']} {results['method']}: {recall}")
     return 0
