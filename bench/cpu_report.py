@@ -2,6 +2,8 @@
 
     python bench/cpu_report.py            # B = 64 .. 2048 (about 25 minutes on 2 cores)
     python bench/cpu_report.py --quick    # B = 64, 128, 256
+    python bench/cpu_report.py --sizes 512,1024,2048 --select "clean or embedding" --out big.json
+    python bench/cpu_report.py --json bench/results/cpu.json big.json   # one table from several runs
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ IMPLS = ("cpu", "reference", "pml")
 MIXUPS = ("clean", "embedding", "feature", "input")
 
 
-def run_suite(sizes: str, out_json: str) -> None:
+def run_suite(sizes: str, select: str, out_json: str) -> None:
     cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_bench_cpu.py"), "-q", "-p", "no:cacheprovider",
            f"--cpu-sizes={sizes}", f"--benchmark-json={out_json}", "--benchmark-columns=median,rounds"]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd + (["-k", select] if select else []), check=True)
 
 
 def cpu_model() -> str:
@@ -34,13 +36,14 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
-def load(path: str) -> dict:
-    with open(path) as f:
-        data = json.load(f)
+def load(paths: list[str]) -> dict:
     rows = {}
-    for b in data["benchmarks"]:
-        x = b["extra_info"]
-        rows[(x["loss"], x["mixup"], x["batch"], x["impl"])] = (b["stats"]["median"], x["peak_bytes"], x["threads"])
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for b in data["benchmarks"]:
+            x = b["extra_info"]
+            rows[(x["loss"], x["mixup"], x["batch"], x["impl"])] = (b["stats"]["median"], x["peak_bytes"], x["threads"])
     return rows
 
 
@@ -111,20 +114,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="B = 64, 128, 256 only")
     parser.add_argument("--sizes", default=None, help="comma-separated batch sizes (overrides --quick)")
-    parser.add_argument("--json", default=None, help="reuse a pytest-benchmark JSON instead of running the suite")
+    parser.add_argument("--select", default=None, help="pytest -k expression, e.g. 'clean or embedding'")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "cpu.json"), help="where the suite writes its JSON")
+    parser.add_argument("--json", nargs="+", default=None,
+                        help="make the table from these pytest-benchmark JSON files instead of running the suite")
     args = parser.parse_args()
     sizes = args.sizes or ("64,128,256" if args.quick else "64,128,256,512,1024,2048")
     os.makedirs(RESULTS, exist_ok=True)
-    out_json = args.json or os.path.join(RESULTS, "cpu.json")
     if not args.json:
-        run_suite(sizes, out_json)
-    rows = load(out_json)
+        run_suite(sizes, args.select, args.out)
+    rows = load(args.json or [args.out])
 
     import pytorch_metric_learning
     import torch
 
     threads = sorted({v[2] for v in rows.values()})
-    command = "python bench/cpu_report.py" + (f" --sizes {args.sizes}" if args.sizes else " --quick" if args.quick else "")
+    command = " ".join(["python bench/cpu_report.py"] + sys.argv[1:])
     header = [
         "# CPU benchmark: fwd+bwd time and peak memory",
         "",
