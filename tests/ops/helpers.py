@@ -19,6 +19,9 @@ PARAMS = {  # published-scale hyperparameters (exponent scales up to 80)
     "proxy_nca_pp": {"temperature": 1.0 / 9.0},
 }
 
+# lam as the kernels see it: a float32 scalar (a subnormal or float64-only lam has no float32 value)
+LAMS = st.floats(0.0, 1.0, width=32, allow_subnormal=False)
+
 
 def loss(name):
     row, terms, _ = resolve(name, PARAMS[name])

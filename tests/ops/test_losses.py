@@ -11,7 +11,7 @@ from metrix_kernels import FAMILY, metrix_loss, ops, reference
 from metrix_kernels.pairs import LABEL_MODES, PAIR_SETS, MixPlan, batch_pairs, hard_negative_plan
 
 from .conftest import DEVICE, EXAMPLES
-from .helpers import PARAMS, batches, close, grads, leaves, loss, proxies_for
+from .helpers import LAMS, PARAMS, batches, close, grads, leaves, loss, proxies_for
 
 LOSSES = sorted(FAMILY)
 
@@ -72,7 +72,7 @@ def test_feature_mixed_loss(name, data):
     head = torch.nn.Linear(7, emb.shape[1]).to(DEVICE)
     pair_set = data.draw(st.sampled_from(PAIR_SETS))
     i, j = batch_pairs(labels, pair_set)
-    plan = MixPlan(i, j, data.draw(st.floats(0.0, 1.0)), pair_set, data.draw(st.sampled_from(LABEL_MODES)))
+    plan = MixPlan(i, j, data.draw(LAMS), pair_set, data.draw(st.sampled_from(LABEL_MODES)))
     inputs = leaves(emb, proxies, features, head.weight, head.bias)
 
     def fused(x):
@@ -95,7 +95,7 @@ def test_input_mixed_loss(name, data):
     proxies = proxies_for(labels, emb.shape[1], gen) if row.uses_proxies else None
     x_in = torch.randn(emb.shape[0], 5, generator=gen).to(DEVICE)
     weight = torch.randn(emb.shape[1], 5, generator=gen).to(DEVICE)
-    plan = hard_negative_plan(emb, labels, data.draw(st.sampled_from(PAIR_SETS)), data.draw(st.floats(0.0, 1.0)),
+    plan = hard_negative_plan(emb, labels, data.draw(st.sampled_from(PAIR_SETS)), data.draw(LAMS),
                               data.draw(st.sampled_from(LABEL_MODES)), data.draw(st.integers(1, 3)))
     inputs = leaves(emb, proxies, x_in, weight)
 

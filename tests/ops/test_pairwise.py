@@ -12,7 +12,7 @@ from metrix_kernels.ops import pairwise
 from metrix_kernels.pairs import rule_member, soft_labels
 
 from .conftest import EXAMPLES
-from .helpers import PARAMS, batches, close, grads, leaves, loss
+from .helpers import LAMS, PARAMS, batches, close, grads, leaves, loss
 
 SIGMAS = ["contrastive", "lifted_structure", "binomial_deviance", "multi_similarity", "nca"]  # every form x input
 
@@ -49,7 +49,7 @@ def test_pairwise_matches_term_stats(name, data):
     mixed_rows = data.draw(st.booleans())
     member = data.draw(st.sampled_from([MEMBER_ALL, MEMBER_ALL_BUT_SELF, *MEMBER_RULES.values(), "mask"]))
     label_mode = data.draw(st.sampled_from(sorted(LABEL_CODES)))
-    lam = data.draw(st.floats(0.0, 1.0))
+    lam = data.draw(LAMS)
     col_y = torch.randint(6, (cols.shape[0],), generator=gen).to(rows.device)
     col_y2 = torch.randint(6, (cols.shape[0],), generator=gen).to(rows.device)
     row_y2 = torch.randint(6, (rows.shape[0],), generator=gen).to(rows.device)
