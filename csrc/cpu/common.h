@@ -199,18 +199,31 @@ void add_term_grad(const Sigma& p, const T* s, const T* w, const T* lw, int64_t 
   });
 }
 
-// Writes the [6, R] float32 statistics of the backend contract.
-inline void write_stats(at::Tensor stats, const std::vector<Term>& pos, const std::vector<Term>& neg,
-                        const Sigma& sp, const Sigma& sn) {
-  auto st = stats.accessor<float, 2>();
+// Writes the [6, R] statistics of the backend contract (float64 for float64 inputs, else float32).
+template <typename T>
+void write_stats_as(at::Tensor stats, const std::vector<Term>& pos, const std::vector<Term>& neg,
+                    const Sigma& sp, const Sigma& sn) {
+  auto st = stats.accessor<T, 2>();
   for (size_t r = 0; r < pos.size(); ++r) {
-    st[0][r] = static_cast<float>(pos[r].value(sp.form == EXP));
-    st[1][r] = static_cast<float>(neg[r].value(sn.form == EXP));
-    st[2][r] = static_cast<float>(pos[r].mass);
-    st[3][r] = static_cast<float>(neg[r].mass);
-    st[4][r] = static_cast<float>(pos[r].nnz);
-    st[5][r] = static_cast<float>(neg[r].nnz);
+    st[0][r] = static_cast<T>(pos[r].value(sp.form == EXP));
+    st[1][r] = static_cast<T>(neg[r].value(sn.form == EXP));
+    st[2][r] = static_cast<T>(pos[r].mass);
+    st[3][r] = static_cast<T>(neg[r].mass);
+    st[4][r] = static_cast<T>(pos[r].nnz);
+    st[5][r] = static_cast<T>(neg[r].nnz);
   }
+}
+
+inline at::Tensor make_stats(const at::Tensor& like, int64_t rows, const std::vector<Term>& pos,
+                             const std::vector<Term>& neg, const Sigma& sp, const Sigma& sn) {
+  const bool wide = like.scalar_type() == at::kDouble;
+  auto stats = at::zeros({6, rows}, wide ? at::kDouble : at::kFloat);
+  if (wide) {
+    write_stats_as<double>(stats, pos, neg, sp, sn);
+  } else {
+    write_stats_as<float>(stats, pos, neg, sp, sn);
+  }
+  return stats;
 }
 
 // Runs f(T{}) with T the C++ type of a float32 / float64 tensor.

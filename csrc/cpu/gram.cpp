@@ -132,9 +132,7 @@ at::Tensor gram_mixed_forward(at::Tensor anchors, at::Tensor anchor_label, at::T
       }
     }
   });
-  auto stats = at::zeros({6, L.A}, at::kFloat);
-  write_stats(stats, tp, tn, sp, sn);
-  return stats;
+  return make_stats(anchors, L.A, tp, tn, sp, sn);
 }
 
 std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor anchor_label,

@@ -128,9 +128,7 @@ at::Tensor pairwise_forward(at::Tensor rows, at::Tensor rli, at::Tensor rlj, at:
       }
     }
   });
-  auto stats = at::zeros({6, R}, at::kFloat);
-  write_stats(stats, tp, tn, sp, sn);
-  return stats;
+  return make_stats(rows, R, tp, tn, sp, sn);
 }
 
 std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::Tensor rlj,

@@ -2,9 +2,9 @@
 
 The ops layer (``metrix_kernels.ops``) owns the autograd.Functions and calls a backend module
 through the functions below. A backend never imports the api. All embeddings reaching a backend
-are already L2-normalized and contiguous; statistics are float32 whatever the input dtype.
+are already L2-normalized and contiguous; statistics are float32 (float64 for float64 inputs).
 
-Per-row statistics (``family.TermStats``), returned as one float32 tensor ``stats`` [6, R]:
+Per-row statistics (``family.TermStats``), returned as one tensor ``stats`` [6, R]:
     0 pos_sum   sum_v w_pos * sigma_pos(x)    (log of it where sigma_pos.form == "exp"; -inf if empty)
     1 neg_sum   the same for the negative term
     2 pos_mass  sum_v w_pos          3 neg_mass  sum_v w_neg

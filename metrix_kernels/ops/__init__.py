@@ -112,12 +112,6 @@ def mixed_loss(
         return _assemble(row, terms, stats, embeddings.dtype)
     rule = MEMBER_RULES[plan.pair_set]
     e = _normalize(embeddings, work)
-    if mixup == "embedding" and plan.member is None and plan.pair_set in ("pos-neg", "anc-neg"):
-        # Ordered pairs: grouping the batch by class changes no pair and no sum over anchors, and
-        # lets the Gram kernel skip whole tiles without a member. (pos-pos / neg-neg put lam on the
-        # first of i < j, so their batch order matters and is kept.)
-        order = torch.argsort(labels, stable=True)
-        e, labels = e[order], labels[order]
     if row.anchors == "proxies":
         # a proxy stands for its whole class: anc-neg is pos-neg, and no per-anchor mask applies
         anchors, anchor_labels, anchor_index = _proxy_side(proxies, e.dtype)
@@ -129,9 +123,17 @@ def mixed_loss(
         member_mask = plan.member
     cfg = _config(row, terms, rule, plan)
     if mixup == "embedding" and member_mask is None:
+        if plan.pair_set in ("pos-neg", "anc-neg"):
+            # Ordered pairs: grouping the batch by class changes no pair and no sum over anchors,
+            # and lets the Gram kernel skip whole tiles without a member. (pos-pos / neg-neg put
+            # lam on the first of i < j, so their batch order matters and is kept.)
+            order = torch.argsort(labels, stable=True)
+            e, labels = e[order], labels[order]
+            if row.anchors == "examples":
+                anchors, anchor_labels = e, labels
         stats = gram_mixed(anchors, anchor_labels, anchor_index, e, labels, plan.lam, cfg, backend)
     else:
         m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend, work)
-        stats = pairwise(anchors, (anchor_labels, anchor_labels), anchor_index, m, (labels[plan.i], labels[plan.j]), plan.i,
-                         plan.lam, cfg, backend, member_mask=member_mask)
+        stats = pairwise(anchors, (anchor_labels, anchor_labels), anchor_index, m, (labels[plan.i], labels[plan.j]),
+                         plan.i, plan.lam, cfg, backend, member_mask=member_mask)
     return _assemble(row, terms, stats, embeddings.dtype)

@@ -20,7 +20,8 @@ def _gram_mixed(
 
 @_gram_mixed.register_fake
 def _(anchors, *args):
-    return anchors.new_empty((6, anchors.shape[0]), dtype=torch.float32)
+    wide = anchors.dtype == torch.float64
+    return anchors.new_empty((6, anchors.shape[0]), dtype=torch.float64 if wide else torch.float32)
 
 
 @torch.library.custom_op("metrix::gram_mixed_backward", mutates_args=())
@@ -47,7 +48,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_stats):
     *tensors, stats = ctx.saved_tensors
-    grad = grad_stats.float()
+    grad = grad_stats.to(stats.dtype)
     grad_anchors, grad_emb = _gram_mixed_backward(*tensors, *ctx.scalars, stats, grad[0].contiguous(),
                                                   grad[1].contiguous())
     return grad_anchors, None, None, grad_emb, None, None, None, None, None, None

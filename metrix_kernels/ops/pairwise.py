@@ -24,7 +24,7 @@ def _pairwise(
 
 @_pairwise.register_fake
 def _(rows, *args):
-    return rows.new_empty((6, rows.shape[0]), dtype=torch.float32)
+    return rows.new_empty((6, rows.shape[0]), dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
 
 
 @torch.library.custom_op("metrix::pairwise_backward", mutates_args=())
@@ -52,7 +52,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_stats):
     *tensors, stats = ctx.saved_tensors
-    grad = grad_stats.float()
+    grad = grad_stats.to(stats.dtype)
     grad_rows, grad_cols = _pairwise_backward(*tensors, *ctx.scalars, stats, grad[0].contiguous(),
                                               grad[1].contiguous())
     return grad_rows, None, None, None, grad_cols, None, None, None, None, None, None, None, None, None
