@@ -50,6 +50,8 @@ BATCHES = [8, 24] if ARGS.tiny else [128, 256, 512, 1024, 2048, 4096, 8192]
 PROXY_BATCHES = [8, 24] if ARGS.tiny else [256, 1024, 4096]
 PROXY_COUNTS = [5, 40] if ARGS.tiny else [100, 10_000]
 MAX_FIT = 64 if ARGS.tiny else 131_072  # fused search stops here: the reference's limit is the point
+SLOW_CALL = 2.0  # seconds: a cell whose call takes longer is timed once, and larger B are skipped
+SLOW_FIT = 10.0  # seconds: the largest-batch search stops after a call this slow
 LAM = 0.4
 START = time.perf_counter()
 ROWS: list[dict] = []
@@ -89,18 +91,23 @@ def sync():
 
 
 def measure(fn):
-    """(ms per fwd+bwd, peak MB above the inputs): warm-up, then repeat for about 0.3 s."""
+    """(ms per fwd+bwd, peak MB above the inputs): warm-up, then repeat for about 0.2 s (a call
+    slower than SLOW_CALL is timed once: the peak-memory call)."""
     fn()
     sync()
     if CUDA:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
     fn()
     sync()
+    once = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if CUDA else float("nan")
+    if once > SLOW_CALL:
+        return 1e3 * once, peak
     reps, total = 0, 0.0
-    while reps < 3 or (total < 300.0 and reps < 50):
+    while reps < 3 or (total < 200.0 and reps < 50):
         if CUDA:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
@@ -142,14 +149,24 @@ def attempt(impl, name, mode, b, proxies=0):
 
 
 def largest_batch(impl):
-    """Doubling search for the largest B whose all-pairs embedding-mixed MS fwd+bwd fits."""
-    b, best = 128 if not ARGS.tiny else 8, 0
-    while b <= MAX_FIT and time.perf_counter() - START < ARGS.budget + 60:
+    """Doubling search for the largest B whose all-pairs embedding-mixed MS fwd+bwd fits:
+    (B, why the search stopped short of an out-of-memory error, or "")."""
+    b, best, cut = 128 if not ARGS.tiny else 8, 0, ""
+    while not cut:
+        if b > MAX_FIT:
+            cut = "search cap reached: at least this"
+        elif time.perf_counter() - START > ARGS.budget + 60:
+            cut = "time budget reached: at least this"
+        if cut:
+            break
         emb, labels, prox = inputs(b)
         try:
+            t0 = time.perf_counter()
             make_fn(impl, "multi_similarity", "embedding", emb, labels, prox)()
             sync()
             best = b
+            if time.perf_counter() - t0 > SLOW_FIT:
+                cut = f"stopped after a call over {SLOW_FIT:.0f} s: at least this"
         except torch.OutOfMemoryError:
             break
         finally:
@@ -157,7 +174,7 @@ def largest_batch(impl):
             if CUDA:
                 torch.cuda.empty_cache()
         b *= 2
-    return best, b > MAX_FIT
+    return best, cut
 
 
 def card_limits():
@@ -176,17 +193,19 @@ def card_limits():
 def main():
     fused = [name for name in ARGS.backends.split(",") if name]
     impls = fused + ["reference", "pml"]
-    oom = set()
+    stop = {}  # (impl, loss, mode) -> why its larger batches are skipped
 
     def sweep(name, modes):
         for mode in modes:
             for b in BATCHES:
                 for impl in impls:
-                    if (impl, name, mode) in oom:
+                    if (impl, name, mode) in stop:
                         ROWS.append(dict(loss=name, mode=mode, B=b, proxies=0, impl=impl, ms=float("nan"),
-                                         peak_mb=float("nan"), status="skipped: OOM at a smaller B"))
+                                         peak_mb=float("nan"), status=stop[impl, name, mode]))
                     elif not attempt(impl, name, mode, b) and ROWS[-1]["status"] == "OOM":
-                        oom.add((impl, name, mode))
+                        stop[impl, name, mode] = "skipped: OOM at a smaller B"
+                    elif ROWS[-1]["ms"] > 1e3 * SLOW_CALL:
+                        stop[impl, name, mode] = f"skipped: over {SLOW_CALL:.0f} s per call at a smaller B"
 
     # the targets first, and the table rewritten after each part, in case the time limit cuts the run
     limits = card_limits()
@@ -269,8 +288,8 @@ def write(fused, fits, limits=None):
         lines.append("| " + " | ".join([key[0], key[1], str(key[2]), str(key[3] or "")] + [cell(c) for c in cells]
                                        + [ratio(r, f, "ms"), ratio(f, p, "ms"), ratio(f, p, "peak_mb")]) + " |")
     fit_lines = ["", "Largest batch with all-pairs embedding mixup (multi_similarity, d = %d, fwd+bwd):" % D, ""]
-    for impl, (best, capped) in fits.items():
-        fit_lines.append(f"- {impl}: {best}{' (search cap reached: at least this)' if capped else ''}")
+    for impl, (best, cut) in fits.items():
+        fit_lines.append(f"- {impl}: {best}{f' ({cut})' if cut else ''}")
     if fused and fits.get("reference", (0,))[0]:
         fit_lines.append(f"- ratio {lead} / reference: >= {fits[lead][0] / fits['reference'][0]:.0f}x")
     text = "\n".join(header + lines + fit_lines + limit_lines(fused, limits)) + "\n"

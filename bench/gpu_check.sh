@@ -3,10 +3,11 @@
 #   1. build the CUDA extension (csrc/gpu_build.sh) while tests/ops runs on CUDA with compiled Triton,
 #   2. the cuda backend against the reference (tests/test_backend_cuda.py),
 #   3. the benchmark table: fused (triton, cuda) vs reference vs pytorch-metric-learning,
-#   4. the trainer's step time with Metrix (ResNet-50, B = 100, 224 px) against the clean step.
+#   4. the trainer's step time with Metrix (ResNet-50, B = 100, 224 px) against the clean step,
+#   5. a kernel-level profile of the main cases (bench/gpu_profile.py).
 #   bash bench/gpu_check.sh RESULTS_DIR     (BUDGET=seconds for the table, default 150)
-# Results: gpu-bench.md / .csv (rewritten after each part), step-time.txt, summary.txt, bench.log,
-# and the build and test logs in test-logs.tar.gz.
+# Results: gpu-bench.md / .csv (rewritten after each part), step-time.txt, profile.txt, summary.txt,
+# bench.log, and the build and test logs in test-logs.tar.gz.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh RESULTS_DIR}
 mkdir -p "$OUT/logs"
@@ -65,6 +66,8 @@ echo "bench done at $(elapsed)" >> "$OUT/summary.txt"
 "$PY" python/step_time.py --model resnet50 --batch-size 100 --image-size 224 --device cuda --steps 12 \
     --mixups none,feature,embedding > "$OUT/step-time.txt" 2>&1 \
     || { status=1; echo "step_time FAILED (step-time.txt)" >> "$OUT/summary.txt"; }
+"$PY" bench/gpu_profile.py > "$OUT/profile.txt" 2>&1 \
+    || { status=1; echo "gpu_profile FAILED (profile.txt)" >> "$OUT/summary.txt"; }
 echo "all done at $(elapsed), status $status" >> "$OUT/summary.txt"
 
 mv "$LOGS/bench.log" "$OUT/" && rmdir "$LOGS"

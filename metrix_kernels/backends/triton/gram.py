@@ -2,13 +2,14 @@
 
 For unit e_i, e_j the anchor-to-mix similarity is (SPEC 1.3)
     s(a, ij) = (lam <a, e_i> + (1 - lam) <a, e_j>) / n_ij,  n_ij = sqrt(lam^2 + (1-lam)^2 + 2 lam (1-lam) <e_i, e_j>)
-so a program holds an anchor tile, walks i tiles and, inside, j tiles: three tl.dot tiles
-(<a, e_i>, <a, e_j>, <e_i, e_j>) combined elementwise into an [anchor, i, j] block, then folded into
+so a program holds an anchor tile, walks i tiles and, inside, j tiles: three similarity tiles
+(<a, e_i>, <a, e_j>, <e_i, e_j>, each accumulated over the width in chunks) combined elementwise into an [anchor, i, j] block, then folded into
 the per-anchor term statistics. No mixed embedding and no B x B or B x B^2 tensor exists.
 Membership lets whole (anchor tile, i tile) blocks be skipped: pos-neg / pos-pos need an i of the
 anchor's class, anc-neg needs i = a. Unordered pair sets (pos-pos, neg-neg) walk j >= i only.
 
-Backward, one launch with two kinds of programs (different reduction orders):
+Backward, one launch with two kinds of programs (different reduction orders), each for one chunk of
+the gradient's width:
   anchor programs (loops i, j):  grad_a = sum_ij g/n (lam e_i + (1-lam) e_j)
   embedding programs, for their tile x: once as i (loops a, j), once as j (loops a, i):
       grad_x += sum g/n * lam * a  + sum_a g * ds/d<e_i,e_j> * e_j   (x as i; symmetric as j)
@@ -22,23 +23,22 @@ import triton.language as tl
 
 from ...backends import LABEL_NEGATIVE, MEMBER_ANC_NEG, MEMBER_NEG_NEG, MEMBER_POS_NEG, MEMBER_POS_POS
 from .common import (
-    interpretable,
-    label_factor,
+    INTERPRET,
     dot_precision,
+    interpretable,
+    k_block,
+    label_factor,
+    load_chunk,
     padded_dim,
     pair_weights,
     sigma_codes,
     sigma_dx,
     sigma_x,
+    similarity,
     term_grad,
     term_update,
     term_value,
 )
-
-@triton.jit
-def _load_tile(ptr, offs, n, offs_d, D):
-    return tl.load(ptr + offs[:, None] * D + offs_d[None, :], mask=(offs[:, None] < n) & (offs_d[None, :] < D), other=0.0)
-
 
 @triton.jit
 def _i_range(idx, in_a, B, MEMBER: tl.constexpr):
@@ -99,16 +99,14 @@ def _mixed_grad(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i, in
     return over_n, d_ij
 
 
-@triton.jit(do_not_specialize=["NA", "B", "D"])
+@triton.jit(do_not_specialize=["NA", "B"])
 def _forward(anchors, anchor_label, anchor_index, emb, labels, stats, NA, B, D, lam, label_lam,
              p_scale, p_shift, n_scale, n_shift,
              P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
              MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr,
-             BA: tl.constexpr, BE: tl.constexpr, DP: tl.constexpr):
+             BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
     offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
     in_a = offs_a < NA
-    offs_d = tl.arange(0, DP)
-    x_a = _load_tile(anchors, offs_a, NA, offs_d, D)
     z = tl.load(anchor_label + offs_a, mask=in_a, other=-1)
     idx = tl.load(anchor_index + offs_a, mask=in_a, other=-1)
     zero = tl.zeros([BA], dtype=tl.float32)
@@ -120,16 +118,14 @@ def _forward(anchors, anchor_label, anchor_index, emb, labels, stats, NA, B, D, 
         in_i = offs_i < B
         li = tl.load(labels + offs_i, mask=in_i, other=-2)
         if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-            x_i = _load_tile(emb, offs_i, B, offs_d, D)
-            s_ai = tl.dot(x_a, tl.trans(x_i), input_precision=PRECISION)
+            s_ai = similarity(anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION)
             j_lo = i0 if (MEMBER == 4 or MEMBER == 5) else 0
             for j0 in range(j_lo, B, BE):
                 offs_j = j0 + tl.arange(0, BE)
                 in_j = offs_j < B
                 lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-                x_j = _load_tile(emb, offs_j, B, offs_d, D)
-                s_aj = tl.dot(x_a, tl.trans(x_j), input_precision=PRECISION)
-                s_ij = tl.dot(x_i, tl.trans(x_j), input_precision=PRECISION)
+                s_aj = similarity(anchors, offs_a, NA, emb, offs_j, B, D, BA, BE, BK, PRECISION)
+                s_ij = similarity(emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
                 s, n, root, w_pos, w_neg = _mixed(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i,
                                                   in_j, lam, label_lam, MEMBER, NEGATIVE)
                 p_m, p_t, p_mass, p_nnz = term_update(p_m, p_t, p_mass, p_nnz, sigma_x(s, p_scale, p_shift, P_OF),
@@ -145,71 +141,69 @@ def _forward(anchors, anchor_label, anchor_index, emb, labels, stats, NA, B, D, 
 
 
 @triton.jit
-def _anchor_state(anchors, anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA, offs_d, D):
+def _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA):
     in_a = offs_a < NA
-    x_a = _load_tile(anchors, offs_a, NA, offs_d, D)
     z = tl.load(anchor_label + offs_a, mask=in_a, other=-1)
     idx = tl.load(anchor_index + offs_a, mask=in_a, other=-1)
     p_val = tl.load(stats + offs_a, mask=in_a, other=0.0)
     n_val = tl.load(stats + NA + offs_a, mask=in_a, other=0.0)
     gp = tl.load(g_pos + offs_a, mask=in_a, other=0.0)
     gn = tl.load(g_neg + offs_a, mask=in_a, other=0.0)
-    return in_a, x_a, z, idx, p_val, n_val, gp, gn
+    return in_a, z, idx, p_val, n_val, gp, gn
 
 
-@triton.jit(do_not_specialize=["NA", "B", "D"])
+@triton.jit(do_not_specialize=["NA", "B"])
 def _backward(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_neg, grad_anchors, grad_emb,
               NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
               P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
               MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr,
-              BA: tl.constexpr, BE: tl.constexpr, DP: tl.constexpr):
+              BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr):
+    """Program (tile, chunk): the gradient of one anchor (or embedding) tile in output columns chunk*BO.."""
     pid = tl.program_id(0)
     anchor_tiles = tl.cdiv(NA, BA)
-    offs_d = tl.arange(0, DP)
+    offs_o = tl.program_id(1) * BO + tl.arange(0, BO)
     if pid < anchor_tiles:
         offs_a = pid * BA + tl.arange(0, BA)
-        in_a, x_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchors, anchor_label, anchor_index, stats, g_pos,
-                                                                 g_neg, offs_a, NA, offs_d, D)
-        acc = tl.zeros([BA, DP], dtype=tl.float32)
+        in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA)
+        acc = tl.zeros([BA, BO], dtype=tl.float32)
         i_lo, i_hi = _i_range(idx, in_a, B, MEMBER)
         for i0 in range(i_lo, i_hi, BE):
             offs_i = i0 + tl.arange(0, BE)
             in_i = offs_i < B
             li = tl.load(labels + offs_i, mask=in_i, other=-2)
             if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-                x_i = _load_tile(emb, offs_i, B, offs_d, D)
-                s_ai = tl.dot(x_a, tl.trans(x_i), input_precision=PRECISION)
+                s_ai = similarity(anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION)
                 c_ai = tl.zeros([BA, BE], dtype=tl.float32)
                 j_lo = i0 if (MEMBER == 4 or MEMBER == 5) else 0
                 for j0 in range(j_lo, B, BE):
                     offs_j = j0 + tl.arange(0, BE)
                     in_j = offs_j < B
                     lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-                    x_j = _load_tile(emb, offs_j, B, offs_d, D)
-                    s_aj = tl.dot(x_a, tl.trans(x_j), input_precision=PRECISION)
-                    s_ij = tl.dot(x_i, tl.trans(x_j), input_precision=PRECISION)
+                    s_aj = similarity(anchors, offs_a, NA, emb, offs_j, B, D, BA, BE, BK, PRECISION)
+                    s_ij = similarity(emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
                     over_n, d_ij = _mixed_grad(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i, in_j,
                                                lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                                P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
                     c_ai += lam * tl.sum(over_n, axis=2)
                     c_aj = (1.0 - lam) * tl.sum(over_n, axis=1)
-                    acc += tl.dot(c_aj.to(x_j.dtype), x_j, input_precision=PRECISION)
-                acc += tl.dot(c_ai.to(x_i.dtype), x_i, input_precision=PRECISION)
-        tl.store(grad_anchors + offs_a[:, None] * D + offs_d[None, :], acc,
-                 mask=in_a[:, None] & (offs_d[None, :] < D))
+                    x_j = load_chunk(emb, offs_j, B, offs_o, D)
+                    acc = tl.dot(c_aj.to(x_j.dtype), x_j, acc, input_precision=PRECISION)
+                x_i = load_chunk(emb, offs_i, B, offs_o, D)
+                acc = tl.dot(c_ai.to(x_i.dtype), x_i, acc, input_precision=PRECISION)
+        tl.store(grad_anchors + offs_a[:, None] * D + offs_o[None, :], acc,
+                 mask=in_a[:, None] & (offs_o[None, :] < D))
     else:
         x0 = (pid - anchor_tiles) * BE
         offs_x = x0 + tl.arange(0, BE)
         in_x = offs_x < B
-        x_x = _load_tile(emb, offs_x, B, offs_d, D)
         lx = tl.load(labels + offs_x, mask=in_x, other=-2)
-        acc = tl.zeros([BE, DP], dtype=tl.float32)
+        acc = tl.zeros([BE, BO], dtype=tl.float32)
         mix = lam * (1.0 - lam)
         for a0 in range(0, NA, BA):
             offs_a = a0 + tl.arange(0, BA)
-            in_a, x_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchors, anchor_label, anchor_index, stats,
-                                                                     g_pos, g_neg, offs_a, NA, offs_d, D)
-            s_ax = tl.dot(x_a, tl.trans(x_x), input_precision=PRECISION)
+            in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg,
+                                                               offs_a, NA)
+            s_ax = similarity(anchors, offs_a, NA, emb, offs_x, B, D, BA, BE, BK, PRECISION)
             # x as the first member i of the pairs
             if _live(z, idx, lx, offs_x, in_a, in_x, MEMBER):
                 c_ai = tl.zeros([BA, BE], dtype=tl.float32)
@@ -218,16 +212,17 @@ def _backward(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_
                     offs_j = j0 + tl.arange(0, BE)
                     in_j = offs_j < B
                     lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-                    x_j = _load_tile(emb, offs_j, B, offs_d, D)
-                    s_aj = tl.dot(x_a, tl.trans(x_j), input_precision=PRECISION)
-                    s_xj = tl.dot(x_x, tl.trans(x_j), input_precision=PRECISION)
+                    s_aj = similarity(anchors, offs_a, NA, emb, offs_j, B, D, BA, BE, BK, PRECISION)
+                    s_xj = similarity(emb, offs_x, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
                     over_n, d_ij = _mixed_grad(s_ax, s_aj, s_xj, z, idx, lx, lj, offs_x, offs_j, in_a, in_x, in_j,
                                                lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                                P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
                     c_ai += lam * tl.sum(over_n, axis=2)
                     c_ij = mix * tl.sum(d_ij, axis=0)
-                    acc += tl.dot(c_ij.to(x_j.dtype), x_j, input_precision=PRECISION)
-                acc += tl.dot(tl.trans(c_ai).to(x_a.dtype), x_a, input_precision=PRECISION)
+                    x_j = load_chunk(emb, offs_j, B, offs_o, D)
+                    acc = tl.dot(c_ij.to(x_j.dtype), x_j, acc, input_precision=PRECISION)
+                x_a = load_chunk(anchors, offs_a, NA, offs_o, D)
+                acc = tl.dot(tl.trans(c_ai).to(x_a.dtype), x_a, acc, input_precision=PRECISION)
             # x as the second member j of the pairs
             c_aj = tl.zeros([BA, BE], dtype=tl.float32)
             i_lo, i_hi = _i_range(idx, in_a, B, MEMBER)
@@ -238,22 +233,27 @@ def _backward(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_
                 in_i = offs_i < B
                 li = tl.load(labels + offs_i, mask=in_i, other=-2)
                 if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-                    x_i = _load_tile(emb, offs_i, B, offs_d, D)
-                    s_ai = tl.dot(x_a, tl.trans(x_i), input_precision=PRECISION)
-                    s_ix = tl.dot(x_i, tl.trans(x_x), input_precision=PRECISION)
+                    s_ai = similarity(anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION)
+                    s_ix = similarity(emb, offs_i, B, emb, offs_x, B, D, BE, BE, BK, PRECISION)
                     over_n, d_ij = _mixed_grad(s_ai, s_ax, s_ix, z, idx, li, lx, offs_i, offs_x, in_a, in_i, in_x,
                                                lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                                P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
                     c_aj += (1.0 - lam) * tl.sum(over_n, axis=1)
                     c_ij = mix * tl.sum(d_ij, axis=0)
-                    acc += tl.dot(tl.trans(c_ij).to(x_i.dtype), x_i, input_precision=PRECISION)
-            acc += tl.dot(tl.trans(c_aj).to(x_a.dtype), x_a, input_precision=PRECISION)
-        tl.store(grad_emb + offs_x[:, None] * D + offs_d[None, :], acc, mask=in_x[:, None] & (offs_d[None, :] < D))
+                    x_i = load_chunk(emb, offs_i, B, offs_o, D)
+                    acc = tl.dot(tl.trans(c_ij).to(x_i.dtype), x_i, acc, input_precision=PRECISION)
+            x_a = load_chunk(anchors, offs_a, NA, offs_o, D)
+            acc = tl.dot(tl.trans(c_aj).to(x_a.dtype), x_a, acc, input_precision=PRECISION)
+        tl.store(grad_emb + offs_x[:, None] * D + offs_o[None, :], acc, mask=in_x[:, None] & (offs_o[None, :] < D))
 
 
-def _blocks(dp: int) -> tuple[int, int, int]:
-    """(anchor tile, embedding tile, warps); the [A, I, J] blocks bound the tiles to 16."""
-    return 16, 16, 4 if dp <= 128 else 8
+def _blocks(d: int, dtype) -> tuple[int, int, int, int]:
+    """(anchor tile, embedding tile, width chunk of the products, width chunk of the gradients): the
+    [A, I, J] blocks bound the tiles to 16; a [16, 512] gradient accumulator still fits the registers
+    of 8 warps, so up to d = 512 the backward computes each similarity tile once."""
+    if INTERPRET:  # several chunks even at the tests' small d
+        return 16, 16, k_block(d, dtype), min(padded_dim(d), 32)
+    return 16, 16, k_block(d, dtype), min(padded_dim(d), 512)
 
 
 def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
@@ -274,10 +274,9 @@ def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cf
     if na == 0:
         return stats
     tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
-    dp = padded_dim(d)
-    ba, be, warps = _blocks(dp)
-    _forward[(triton.cdiv(na, ba),)](*tensors, stats, na, emb.shape[0], d, *scalars, **consts, BA=ba, BE=be, DP=dp,
-                                     num_warps=warps)
+    ba, be, bk, _ = _blocks(d, anchors.dtype)
+    _forward[(triton.cdiv(na, ba),)](*tensors, stats, na, emb.shape[0], d, *scalars, **consts, BA=ba, BE=be, BK=bk,
+                                     num_warps=4)
     return stats
 
 
@@ -292,9 +291,8 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
     if na == 0 or b == 0:
         return grad_anchors.zero_(), grad_emb.zero_()
     tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
-    dp = padded_dim(d)
-    ba, be, warps = _blocks(dp)
-    grid = (triton.cdiv(na, ba) + triton.cdiv(b, be),)
+    ba, be, bk, bo = _blocks(d, anchors.dtype)
+    grid = (triton.cdiv(na, ba) + triton.cdiv(b, be), triton.cdiv(d, bo))
     _backward[grid](*tensors, stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous(), grad_anchors, grad_emb,
-                    na, b, d, *scalars, **consts, BA=ba, BE=be, DP=dp, num_warps=warps)
+                    na, b, d, *scalars, **consts, BA=ba, BE=be, BK=bk, BO=bo, num_warps=8)
     return grad_anchors.to(dtype), grad_emb.to(dtype)

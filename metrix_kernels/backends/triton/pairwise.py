@@ -1,11 +1,13 @@
 """Fused pairwise loss terms: rows [R, d] x cols [V, d] reduced to per-row statistics.
 
-Forward: one program per row tile walks the column tiles; each similarity tile s = rows @ cols^T is
-turned into pair weights (labels compared in the kernel) and folded into running per-row term
-statistics (online log-sum-exp for exponential sigmas). Nothing of size R x V is stored.
-Backward: one launch, two kinds of programs. Row programs walk the column tiles and accumulate
-dS @ cols; column programs walk the row tiles and accumulate dS^T @ rows. Both recompute s and the
-weights and get dS = g_pos * dterm_pos/ds + g_neg * dterm_neg/ds from the saved term sums.
+Forward: one program per row tile walks the column tiles; each similarity tile s = rows @ cols^T
+(accumulated over the width in chunks, common.similarity) is turned into pair weights (labels
+compared in the kernel) and folded into running per-row term statistics (online log-sum-exp for
+exponential sigmas). Nothing of size R x V is stored.
+Backward: one launch, two kinds of programs, each for one chunk of the gradient's width. Row
+programs walk the column tiles and accumulate dS @ cols; column programs walk the row tiles and
+accumulate dS^T @ rows. Both recompute s and the weights and get
+dS = g_pos * dterm_pos/ds + g_neg * dterm_neg/ds from the saved term sums.
 """
 from __future__ import annotations
 
@@ -15,16 +17,19 @@ import triton.language as tl
 
 from .. import LABEL_NEGATIVE
 from .common import (
-    interpretable,
     INTERPRET,
     MIN_BLOCK,
-    label_factor,
     dot_precision,
+    interpretable,
+    k_block,
+    label_factor,
+    load_chunk,
     padded_dim,
     pair_weights,
     sigma_codes,
     sigma_dx,
     sigma_x,
+    similarity,
     term_grad,
     term_update,
     term_value,
@@ -57,27 +62,19 @@ def _weights(r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, offs_r, offs_v, R, V,
         return pair_weights(z, a, li, lj, mi, label_lam, valid, MEMBER, NEGATIVE)
 
 
-@triton.jit
-def _load_tile(ptr, offs, n, offs_d, D):
-    return tl.load(ptr + offs[:, None] * D + offs_d[None, :], mask=(offs[:, None] < n) & (offs_d[None, :] < D), other=0.0)
-
-
-@triton.jit(do_not_specialize=["R", "V", "D"])
+@triton.jit(do_not_specialize=["R", "V"])
 def _forward(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, stats, R, V, D, label_lam,
              p_scale, p_shift, n_scale, n_shift,
              P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
              MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, MIXED_ROWS: tl.constexpr, HAS_MASK: tl.constexpr,
-             PRECISION: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, DP: tl.constexpr):
+             PRECISION: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     offs_r = tl.program_id(0) * BR + tl.arange(0, BR)
-    offs_d = tl.arange(0, DP)
-    x_r = _load_tile(rows, offs_r, R, offs_d, D)
     zero = tl.zeros([BR], dtype=tl.float32)
     p_m, p_t, p_mass, p_nnz = zero - float("inf"), zero, zero, zero
     n_m, n_t, n_mass, n_nnz = zero - float("inf"), zero, zero, zero
     for v0 in range(0, V, BV):
         offs_v = v0 + tl.arange(0, BV)
-        x_c = _load_tile(cols, offs_v, V, offs_d, D)
-        s = tl.dot(x_r, tl.trans(x_c), input_precision=PRECISION)
+        s = similarity(rows, offs_r, R, cols, offs_v, V, D, BR, BV, BK, PRECISION)
         w_pos, w_neg = _weights(r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, offs_r, offs_v, R, V, label_lam,
                                 MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK)
         p_m, p_t, p_mass, p_nnz = term_update(p_m, p_t, p_mass, p_nnz, sigma_x(s, p_scale, p_shift, P_OF),
@@ -94,14 +91,14 @@ def _forward(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, stats, R,
 
 
 @triton.jit
-def _grad_tile(x_r, x_c, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, stats, g_pos, g_neg,
+def _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, stats, g_pos, g_neg,
                R, V, label_lam, p_scale, p_shift, n_scale, n_shift,
                P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
                MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, MIXED_ROWS: tl.constexpr, HAS_MASK: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     """dLoss/ds of a [BR, BV] tile, recomputed from the rows' saved term sums."""
     in_r = offs_r < R
-    s = tl.dot(x_r, tl.trans(x_c), input_precision=PRECISION)
+    s = similarity(rows, offs_r, R, cols, offs_v, V, D, BR, BV, BK, PRECISION)
     w_pos, w_neg = _weights(r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, offs_r, offs_v, R, V, label_lam,
                             MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK)
     p_val = tl.load(stats + offs_r, mask=in_r, other=0.0)[:, None]
@@ -113,52 +110,50 @@ def _grad_tile(x_r, x_c, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mas
     return ds
 
 
-@triton.jit(do_not_specialize=["R", "V", "D"])
+@triton.jit(do_not_specialize=["R", "V"])
 def _backward(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, stats, g_pos, g_neg, grad_rows, grad_cols,
               R, V, D, label_lam, p_scale, p_shift, n_scale, n_shift,
               P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
               MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, MIXED_ROWS: tl.constexpr, HAS_MASK: tl.constexpr,
-              PRECISION: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, DP: tl.constexpr):
+              PRECISION: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr):
+    """Program (tile, chunk): the gradient of one row (or column) tile in output columns chunk*BO.."""
     pid = tl.program_id(0)
     row_tiles = tl.cdiv(R, BR)
-    offs_d = tl.arange(0, DP)
+    offs_o = tl.program_id(1) * BO + tl.arange(0, BO)
     if pid < row_tiles:
         offs_r = pid * BR + tl.arange(0, BR)
-        x_r = _load_tile(rows, offs_r, R, offs_d, D)
-        acc = tl.zeros([BR, DP], dtype=tl.float32)
+        acc = tl.zeros([BR, BO], dtype=tl.float32)
         for v0 in range(0, V, BV):
             offs_v = v0 + tl.arange(0, BV)
-            x_c = _load_tile(cols, offs_v, V, offs_d, D)
-            ds = _grad_tile(x_r, x_c, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, stats,
+            ds = _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, stats,
                             g_pos, g_neg, R, V, label_lam, p_scale, p_shift, n_scale, n_shift, P_FORM, P_OF, N_FORM,
-                            N_OF, MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK, PRECISION)
-            acc += tl.dot(ds.to(x_c.dtype), x_c, input_precision=PRECISION)
-        tl.store(grad_rows + offs_r[:, None] * D + offs_d[None, :], acc,
-                 mask=(offs_r[:, None] < R) & (offs_d[None, :] < D))
+                            N_OF, MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK, PRECISION, BR, BV, BK)
+            x_c = load_chunk(cols, offs_v, V, offs_o, D)
+            acc = tl.dot(ds.to(x_c.dtype), x_c, acc, input_precision=PRECISION)
+        tl.store(grad_rows + offs_r[:, None] * D + offs_o[None, :], acc,
+                 mask=(offs_r[:, None] < R) & (offs_o[None, :] < D))
     else:
         offs_v = (pid - row_tiles) * BV + tl.arange(0, BV)
-        x_c = _load_tile(cols, offs_v, V, offs_d, D)
-        acc = tl.zeros([BV, DP], dtype=tl.float32)
+        acc = tl.zeros([BV, BO], dtype=tl.float32)
         for r0 in range(0, R, BR):
             offs_r = r0 + tl.arange(0, BR)
-            x_r = _load_tile(rows, offs_r, R, offs_d, D)
-            ds = _grad_tile(x_r, x_c, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, stats,
+            ds = _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, stats,
                             g_pos, g_neg, R, V, label_lam, p_scale, p_shift, n_scale, n_shift, P_FORM, P_OF, N_FORM,
-                            N_OF, MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK, PRECISION)
-            acc += tl.dot(tl.trans(ds).to(x_r.dtype), x_r, input_precision=PRECISION)
-        tl.store(grad_cols + offs_v[:, None] * D + offs_d[None, :], acc,
-                 mask=(offs_v[:, None] < V) & (offs_d[None, :] < D))
+                            N_OF, MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK, PRECISION, BR, BV, BK)
+            x_r = load_chunk(rows, offs_r, R, offs_o, D)
+            acc = tl.dot(tl.trans(ds).to(x_r.dtype), x_r, acc, input_precision=PRECISION)
+        tl.store(grad_cols + offs_v[:, None] * D + offs_o[None, :], acc,
+                 mask=(offs_v[:, None] < V) & (offs_o[None, :] < D))
 
 
-def _blocks(dp: int) -> tuple[int, int, int]:
-    """(rows tile, columns tile, warps): tiles shrink as d grows so the [tile, d] operands fit."""
-    if INTERPRET:
-        return MIN_BLOCK, MIN_BLOCK, 1
-    if dp <= 64:
-        return 64, 64, 4
-    if dp <= 256:
-        return 32, 64, 4
-    return 32, 32, 8
+def _blocks(d: int, dtype) -> tuple[int, int, int, int]:
+    """(row tile, column tile, width chunk of the products, width chunk of the gradients).
+
+    The backward grid splits the gradient's width into chunks of at most 128 columns, so that its
+    [64, 128] accumulator stays in registers; each chunk recomputes the similarity tiles."""
+    if INTERPRET:  # small tiles, so that small test batches span several tiles and chunks
+        return MIN_BLOCK, MIN_BLOCK, k_block(d, dtype), min(padded_dim(d), 2 * MIN_BLOCK)
+    return 64, 64, k_block(d, dtype), min(padded_dim(d), 128)
 
 
 def _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
@@ -184,10 +179,8 @@ def pairwise_forward(rows, row_label_i, row_label_j, row_index, cols, col_label_
         return stats
     tensors, scalars, consts = _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i,
                                             col_label_j, col_index, member_mask, lam, cfg)
-    dp = padded_dim(d)
-    br, bv, warps = _blocks(dp)
-    _forward[(triton.cdiv(r, br),)](*tensors, stats, r, v, d, *scalars, **consts, BR=br, BV=bv, DP=dp,
-                                    num_warps=warps)
+    br, bv, bk, _ = _blocks(d, rows.dtype)
+    _forward[(triton.cdiv(r, br),)](*tensors, stats, r, v, d, *scalars, **consts, BR=br, BV=bv, BK=bk, num_warps=4)
     return stats
 
 
@@ -203,9 +196,8 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
         return grad_rows.zero_(), grad_cols.zero_()
     tensors, scalars, consts = _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i,
                                             col_label_j, col_index, member_mask, lam, cfg)
-    dp = padded_dim(d)
-    br, bv, warps = _blocks(dp)
-    grid = (triton.cdiv(r, br) + triton.cdiv(v, bv),)
+    br, bv, bk, bo = _blocks(d, rows.dtype)
+    grid = (triton.cdiv(r, br) + triton.cdiv(v, bv), triton.cdiv(d, bo))
     _backward[grid](*tensors, stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous(), grad_rows, grad_cols,
-                    r, v, d, *scalars, **consts, BR=br, BV=bv, DP=dp, num_warps=warps)
+                    r, v, d, *scalars, **consts, BR=br, BV=bv, BK=bk, BO=bo, num_warps=8)
     return grad_rows.to(dtype), grad_cols.to(dtype)
