@@ -60,19 +60,21 @@ class HostExtension:
             *map(ctypes.c_float, (ps, psh, ns, nsh)), *map(_ptr, (gp, gn, grows, gcols)),
         )
 
-    def gram_forward(self, P, G, a0, i0, al, ai, lb, stats, *scalars):
-        self._gram(P, G, a0, i0, al, ai, lb, stats, scalars, None, None, None, None)
+    def gram_forward(self, P, G, a0, i0, al, ai, lb, io, ir, stats, *scalars):
+        self._gram(P, G, a0, i0, (al, ai, lb, io, ir, None, None), stats, scalars, None, None, None, None)
 
-    def gram_backward(self, P, G, a0, i0, al, ai, lb, stats, *rest):
+    def gram_backward(self, P, G, a0, i0, al, ai, lb, io, ir, ao, ar, stats, *rest):
         *scalars, gp, gn, dP, dG = rest
-        self._gram(P, G, a0, i0, al, ai, lb, stats, scalars, gp, gn, dP, dG)
+        self._gram(P, G, a0, i0, (al, ai, lb, io, ir, ao, ar), stats, scalars, gp, gn, dP, dG)
 
-    def _gram(self, P, G, a0, i0, al, ai, lb, stats, scalars, gp, gn, dP, dG):
+    def _gram(self, P, G, a0, i0, ints, stats, scalars, gp, gn, dP, dG):
         lam, member, label_mode, form, of, ps, psh, ns, nsh = scalars
         P, G = P.contiguous(), G.contiguous()
+        al, lb = ints[0], ints[2]
+        assert all(t is None or (t.dtype == torch.int32 and t.is_contiguous()) for t in ints)
         self.lib.host_gram(
             _ptr(P), _ptr(G), *map(ctypes.c_int64, (al.numel(), P.shape[0], G.shape[0], lb.numel(), a0, i0)),
-            *map(_ptr, (al, ai, lb, stats)), ctypes.c_float(lam), member, label_mode, form, of,
+            *map(_ptr, ints), _ptr(stats), ctypes.c_float(lam), member, label_mode, form, of,
             *map(ctypes.c_float, (ps, psh, ns, nsh)), *map(_ptr, (gp, gn, dP, dG)),
         )
 
@@ -107,7 +109,7 @@ def impl(request, monkeypatch):
     if request.param == "host":
         host = request.getfixturevalue("host_extension")
         monkeypatch.setattr(cuda, "_extension", lambda: host)
-        monkeypatch.setattr(cuda, "CHUNK_ELEMENTS", 16)
+        monkeypatch.setattr(cuda, "CHUNK_ELEMENTS", 40)  # 4 rows at B = 9: chunk edges inside classes
         return torch.device("cpu")
     if not cuda.available():
         pytest.skip(f"CUDA backend not available here: {cuda.unavailable_reason()}")
@@ -275,6 +277,37 @@ def test_gram_mixed(impl, loss, anchors, rule, label_mode):
     got_e = torch.autograd.grad(e, raw_e, grad_e.double().cpu(), retain_graph=True)[0]
     torch.testing.assert_close(got_a, ref_a, rtol=1e-3, atol=2e-4)
     torch.testing.assert_close(got_e, ref_e, rtol=1e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_gram_groups_cover_every_member(rule):
+    """The lists that confine the Gram kernels' loops: anchor a's i of the chunk [lo, hi) hold every i
+    of a member triple (a, i, j), only i of a's group, ascending; likewise each i's anchors."""
+    gen = torch.Generator().manual_seed(rule)
+    b, lo, hi = 14, 3, 11
+    labels = torch.tensor([7, -2, 40])[torch.randint(3, (b,), generator=gen)].int()
+    alab = torch.cat([labels, torch.tensor([3], dtype=torch.int32)])  # and an anchor of a class not in the batch
+    aidx = torch.cat([torch.arange(b), torch.tensor([-1])]).int()
+    lam = 0.4
+    i, j = torch.meshgrid(torch.arange(b), torch.arange(b), indexing="ij")
+    wp, wn = _weights(rule, LABEL_INTERPOLATE, lam, alab[:, None, None], aidx[:, None, None], labels[i][None],
+                      labels[j][None], i[None])
+    candidate = i < j if rule in (MEMBER_POS_POS, MEMBER_NEG_NEG) else i != j
+    member = ((wp > 0) | (wn > 0)) & candidate  # [A, B, B]
+    key_a, key_e = cuda._group_keys(rule, alab, aidx, labels)
+    emb_groups, anchor_groups = cuda._Groups(key_e), cuda._Groups(key_a)
+    i_range = emb_groups.ranges(key_a, lo, hi)
+    for a in range(alab.numel()):
+        listed = emb_groups.order[i_range[0, a]:i_range[1, a]]
+        assert listed.tolist() == sorted(k for k in range(lo, hi) if key_e[k] == key_a[a])
+        assert set(listed.tolist()) >= set(member[a, lo:hi].any(1).nonzero().flatten().add(lo).tolist())
+    a_range = anchor_groups.ranges(key_e, 2, 9)
+    for k in range(b):
+        listed = anchor_groups.order[a_range[0, k]:a_range[1, k]]
+        assert listed.tolist() == sorted(a for a in range(2, 9) if key_a[a] == key_e[k])
+        assert set(listed.tolist()) >= set(member[2:9, k].any(1).nonzero().flatten().add(2).tolist())
+    if rule in (MEMBER_POS_NEG, MEMBER_ANC_NEG):  # sparse: no triple is visited in vain for its i
+        assert (i_range[1] - i_range[0]).sum() == member[:, lo:hi].any(2).sum()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -121,19 +121,23 @@ void pairwise_backward(const Tensor& rows, const Tensor& cols, const Tensor& row
 }
 
 mx::GramArgs gram_args(const Tensor& P, const Tensor& G, int64_t a0, int64_t i0, const Tensor& anchor_label,
-                       const Tensor& anchor_index, const Tensor& labels, const Tensor& stats, double lam,
-                       int64_t member, int64_t label_mode, int64_t form, int64_t of, double pos_scale,
-                       double pos_shift, double neg_scale, double neg_shift) {
+                       const Tensor& anchor_index, const Tensor& labels, const Tensor& i_order,
+                       const Tensor& i_range, const Tensor& stats, double lam, int64_t member, int64_t label_mode,
+                       int64_t form, int64_t of, double pos_scale, double pos_shift, double neg_scale,
+                       double neg_shift) {
   check(P, "P", at::kFloat);
   check(G, "G", at::kFloat);
   check(anchor_label, "anchor_label", at::kInt);
   check(anchor_index, "anchor_index", at::kInt);
   check(labels, "labels", at::kInt);
+  check(i_order, "i_order", at::kInt);
+  check(i_range, "i_range", at::kInt);
   check(stats, "stats", at::kFloat);
   TORCH_CHECK(P.dim() == 2 && G.dim() == 2 && P.size(1) == G.size(1), "P [na, B], G [ni, B]");
   const int64_t A = anchor_label.numel(), B = labels.numel();
   TORCH_CHECK(anchor_index.numel() == A && stats.numel() == 6 * A, "anchor arrays [A], stats [6, A]");
   TORCH_CHECK(P.size(1) == B && a0 >= 0 && a0 + P.size(0) <= A && i0 >= 0 && i0 + G.size(0) <= B, "chunk bounds");
+  TORCH_CHECK(i_order.numel() == B && i_range.numel() == 2 * P.size(0), "i_order [B], i_range [2, na]");
   mx::GramArgs g{};
   g.P = P.data_ptr<float>();
   g.G = G.data_ptr<float>();
@@ -146,6 +150,8 @@ mx::GramArgs gram_args(const Tensor& P, const Tensor& G, int64_t a0, int64_t i0,
   g.anchor_label = anchor_label.data_ptr<int32_t>();
   g.anchor_index = anchor_index.data_ptr<int32_t>();
   g.labels = labels.data_ptr<int32_t>();
+  g.i_order = i_order.data_ptr<int32_t>();
+  g.i_range = i_range.data_ptr<int32_t>();
   g.lam = (float)lam;
   g.member = (int)member;
   g.label_mode = (int)label_mode;
@@ -160,25 +166,31 @@ mx::GramArgs gram_args(const Tensor& P, const Tensor& G, int64_t a0, int64_t i0,
 }
 
 void gram_forward(const Tensor& P, const Tensor& G, int64_t a0, int64_t i0, const Tensor& anchor_label,
-                  const Tensor& anchor_index, const Tensor& labels, const Tensor& stats, double lam, int64_t member,
-                  int64_t label_mode, int64_t form, int64_t of, double pos_scale, double pos_shift, double neg_scale,
-                  double neg_shift) {
+                  const Tensor& anchor_index, const Tensor& labels, const Tensor& i_order, const Tensor& i_range,
+                  const Tensor& stats, double lam, int64_t member, int64_t label_mode, int64_t form, int64_t of,
+                  double pos_scale, double pos_shift, double neg_scale, double neg_shift) {
   const c10::cuda::CUDAGuard guard(P.device());
-  auto g = gram_args(P, G, a0, i0, anchor_label, anchor_index, labels, stats, lam, member, label_mode, form, of,
-                     pos_scale, pos_shift, neg_scale, neg_shift);
+  auto g = gram_args(P, G, a0, i0, anchor_label, anchor_index, labels, i_order, i_range, stats, lam, member,
+                     label_mode, form, of, pos_scale, pos_shift, neg_scale, neg_shift);
   Tensor partial = torch::empty({mx::gram_partial_size(g.na, g.B)}, P.options());
   g.partial = partial.data_ptr<float>();
   ok(mx::gram_forward(g, c10::cuda::getCurrentCUDAStream()));
 }
 
 void gram_backward(const Tensor& P, const Tensor& G, int64_t a0, int64_t i0, const Tensor& anchor_label,
-                   const Tensor& anchor_index, const Tensor& labels, const Tensor& stats, double lam, int64_t member,
+                   const Tensor& anchor_index, const Tensor& labels, const Tensor& i_order, const Tensor& i_range,
+                   const Tensor& a_order, const Tensor& a_range, const Tensor& stats, double lam, int64_t member,
                    int64_t label_mode, int64_t form, int64_t of, double pos_scale, double pos_shift,
                    double neg_scale, double neg_shift, const Tensor& grad_pos, const Tensor& grad_neg,
                    const Tensor& dP, const Tensor& dG) {
   const c10::cuda::CUDAGuard guard(P.device());
-  auto g = gram_args(P, G, a0, i0, anchor_label, anchor_index, labels, stats, lam, member, label_mode, form, of,
-                     pos_scale, pos_shift, neg_scale, neg_shift);
+  auto g = gram_args(P, G, a0, i0, anchor_label, anchor_index, labels, i_order, i_range, stats, lam, member,
+                     label_mode, form, of, pos_scale, pos_shift, neg_scale, neg_shift);
+  check(a_order, "a_order", at::kInt);
+  check(a_range, "a_range", at::kInt);
+  TORCH_CHECK(a_order.numel() == g.A && a_range.numel() == 2 * g.ni, "a_order [A], a_range [2, ni]");
+  g.a_order = a_order.data_ptr<int32_t>();
+  g.a_range = a_range.data_ptr<int32_t>();
   check(grad_pos, "grad_pos", at::kFloat);
   check(grad_neg, "grad_neg", at::kFloat);
   check(dP, "dP", at::kFloat);

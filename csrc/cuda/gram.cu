@@ -3,19 +3,25 @@
 // caller provides one chunk at a time (rows a0.. of P, rows i0.. of G). No mixed embedding and no
 // [A, B, B] tensor exist.
 //
-// Every output has a single owner thread that loops over the remaining index in a fixed order,
-// so results are deterministic without atomics:
+// Membership confines i to a group of the anchor (its class for pos-neg / pos-pos, itself for
+// anc-neg; neg-neg is one dense group). The caller lists each anchor's i of the chunk and each
+// i's anchors of the chunk (GramArgs i_order / i_range, a_order / a_range), so the loops over i and
+// over a visit the group only: O(A * B * group) work instead of O(A * B * B).
+//
+// Every output has a single owner that loops over the remaining index in a fixed order, so results
+// are deterministic without atomics:
 //   forward  thread (a, j), loop i: per-anchor statistics, merged over j by warp shuffles, then
 //            over j blocks (and over chunks) by the finalize kernel, in order;
-//   backward thread (a, i), loop j: dP[a, i];  thread (a, j), loop i: dP[a, j];
+//   backward warp (a, i), lanes over j, then a butterfly: dP[a, i];  thread (a, j), loop i: dP[a, j];
 //            thread (i, j), loop a: dG[i, j].
-// A block is 8 warps; a warp's 32 lanes take 32 consecutive j (or i), so G reads coalesce.
+// A block is 8 warps; a warp's 32 lanes take 32 consecutive j, so G reads coalesce.
 #include "common.cuh"
 
 namespace mx {
 namespace {
 
 constexpr int WARPS = 8, LANES = 32, THREADS = WARPS * LANES, NPART = 8;
+constexpr unsigned ALL_LANES = 0xffffffffu;
 
 // Weights and mixed similarity of triple (a, i, j); false when it is no member of a's mixing set.
 __device__ __forceinline__ bool triple(const GramArgs& g, int64_t a_loc, int64_t i, int64_t j, float& wp, float& wn,
@@ -27,17 +33,6 @@ __device__ __forceinline__ bool triple(const GramArgs& g, int64_t a_loc, int64_t
   if (!(wp > 0.0f) && !(wn > 0.0f)) return false;
   ms = mixed_sim(g.lam, g.P[a_loc * g.B + i], g.P[a_loc * g.B + j], g.G[(i - g.i0) * g.B + j]);
   return true;
-}
-
-// The i of this chunk that anchor a can mix: all, or only the anchor itself for anc-neg.
-__device__ __forceinline__ void i_range(const GramArgs& g, int64_t a_loc, int64_t& lo, int64_t& hi) {
-  lo = g.i0;
-  hi = g.i0 + g.ni;
-  if (g.member == MEMBER_ANC_NEG) {
-    const int64_t self = g.anchor_index[g.a0 + a_loc];
-    lo = self >= lo && self < hi ? self : hi;
-    hi = lo < hi ? self + 1 : hi;
-  }
 }
 
 __device__ __forceinline__ SigmaPair sigmas(const GramArgs& g) {
@@ -57,21 +52,19 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(const GramArgs g) {
   const int64_t j = (int64_t)blockIdx.y * LANES + threadIdx.x % LANES;
   TermAcc pos = term_empty(), neg = term_empty();
   if (a_loc < g.na && j < g.B) {
-    int64_t lo, hi;
-    i_range(g, a_loc, lo, hi);
-    for (int64_t i = lo; i < hi; ++i) {
+    const int64_t end = g.i_range[g.na + a_loc];
+    for (int64_t k = g.i_range[a_loc]; k < end; ++k) {
       float wp, wn;
       MixedSim ms;
-      if (triple(g, a_loc, i, j, wp, wn, ms)) pair_add<FORM>(sigmas(g), g.of, ms.s, wp, wn, pos, neg);
+      if (triple(g, a_loc, g.i_order[k], j, wp, wn, ms)) pair_add<FORM>(sigmas(g), g.of, ms.s, wp, wn, pos, neg);
     }
   }
 #pragma unroll
   for (int off = LANES / 2; off > 0; off >>= 1) {
-    const unsigned all = 0xffffffffu;
-    term_merge<FORM>(pos, TermAcc{__shfl_xor_sync(all, pos.m, off), __shfl_xor_sync(all, pos.l, off),
-                                  __shfl_xor_sync(all, pos.mass, off), __shfl_xor_sync(all, pos.nnz, off)});
-    term_merge<FORM>(neg, TermAcc{__shfl_xor_sync(all, neg.m, off), __shfl_xor_sync(all, neg.l, off),
-                                  __shfl_xor_sync(all, neg.mass, off), __shfl_xor_sync(all, neg.nnz, off)});
+    term_merge<FORM>(pos, TermAcc{__shfl_xor_sync(ALL_LANES, pos.m, off), __shfl_xor_sync(ALL_LANES, pos.l, off),
+                                  __shfl_xor_sync(ALL_LANES, pos.mass, off), __shfl_xor_sync(ALL_LANES, pos.nnz, off)});
+    term_merge<FORM>(neg, TermAcc{__shfl_xor_sync(ALL_LANES, neg.m, off), __shfl_xor_sync(ALL_LANES, neg.l, off),
+                                  __shfl_xor_sync(ALL_LANES, neg.mass, off), __shfl_xor_sync(ALL_LANES, neg.nnz, off)});
   }
   if (threadIdx.x % LANES == 0 && a_loc < g.na) {
     float* out = g.partial + (int64_t)blockIdx.y * NPART * g.na + a_loc;
@@ -103,20 +96,26 @@ __global__ void finalize_kernel(const GramArgs g, const int64_t nblocks) {
   st[5 * A + a] = neg.nnz;
 }
 
-// dP[a, i] += sum_j dL/ds * ds/dP[a, i]
+// dP[a, i] += sum_j dL/ds * ds/dP[a, i]. A block per anchor, a warp per i of its group, lanes over j,
+// summed by a butterfly: a thread per (a, i) would leave almost every thread idle, and lanes over j
+// read G coalesced.
 template <int FORM>
 __global__ void __launch_bounds__(THREADS) grad_ai_kernel(const GramArgs g) {
-  const int64_t a_loc = (int64_t)blockIdx.x * WARPS + threadIdx.x / LANES;
-  const int64_t i = g.i0 + (int64_t)blockIdx.y * LANES + threadIdx.x % LANES;
-  if (a_loc >= g.na || i >= g.i0 + g.ni) return;
-  if (g.member == MEMBER_ANC_NEG && g.anchor_index[g.a0 + a_loc] != i) return;
-  float acc = 0.0f;
-  for (int64_t j = 0; j < g.B; ++j) {
-    float wp, wn;
-    MixedSim ms;
-    if (triple(g, a_loc, i, j, wp, wn, ms)) acc += triple_grad<FORM>(g, a_loc, ms.s, wp, wn) * mixed_dpai(g.lam, ms);
+  const int64_t a_loc = blockIdx.x;
+  const int lane = threadIdx.x % LANES;
+  const int64_t end = g.i_range[g.na + a_loc];
+  for (int64_t k = g.i_range[a_loc] + threadIdx.x / LANES; k < end; k += WARPS) {
+    const int64_t i = g.i_order[k];
+    float acc = 0.0f;
+    for (int64_t j = lane; j < g.B; j += LANES) {
+      float wp, wn;
+      MixedSim ms;
+      if (triple(g, a_loc, i, j, wp, wn, ms)) acc += triple_grad<FORM>(g, a_loc, ms.s, wp, wn) * mixed_dpai(g.lam, ms);
+    }
+#pragma unroll
+    for (int off = LANES / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(ALL_LANES, acc, off);
+    if (lane == 0) g.dP[a_loc * g.B + i] += acc;
   }
-  g.dP[a_loc * g.B + i] += acc;
 }
 
 // dP[a, j] += sum_i dL/ds * ds/dP[a, j]
@@ -125,30 +124,33 @@ __global__ void __launch_bounds__(THREADS) grad_aj_kernel(const GramArgs g) {
   const int64_t a_loc = (int64_t)blockIdx.x * WARPS + threadIdx.x / LANES;
   const int64_t j = (int64_t)blockIdx.y * LANES + threadIdx.x % LANES;
   if (a_loc >= g.na || j >= g.B) return;
-  int64_t lo, hi;
-  i_range(g, a_loc, lo, hi);
   float acc = 0.0f;
-  for (int64_t i = lo; i < hi; ++i) {
+  const int64_t end = g.i_range[g.na + a_loc];
+  for (int64_t k = g.i_range[a_loc]; k < end; ++k) {
     float wp, wn;
     MixedSim ms;
-    if (triple(g, a_loc, i, j, wp, wn, ms)) acc += triple_grad<FORM>(g, a_loc, ms.s, wp, wn) * mixed_dpaj(g.lam, ms);
+    if (triple(g, a_loc, g.i_order[k], j, wp, wn, ms))
+      acc += triple_grad<FORM>(g, a_loc, ms.s, wp, wn) * mixed_dpaj(g.lam, ms);
   }
   g.dP[a_loc * g.B + j] += acc;
 }
 
-// dG[i, j] = sum_a dL/ds * ds/dG[i, j]
+// dG[i, j] = sum_a dL/ds * ds/dG[i, j], over the anchors of i's group
 template <int FORM>
 __global__ void __launch_bounds__(THREADS) grad_ij_kernel(const GramArgs g) {
-  const int64_t i = g.i0 + (int64_t)blockIdx.x * WARPS + threadIdx.x / LANES;
+  const int64_t i_loc = (int64_t)blockIdx.x * WARPS + threadIdx.x / LANES;
   const int64_t j = (int64_t)blockIdx.y * LANES + threadIdx.x % LANES;
-  if (i >= g.i0 + g.ni || j >= g.B) return;
+  if (i_loc >= g.ni || j >= g.B) return;
   float acc = 0.0f;
-  for (int64_t a_loc = 0; a_loc < g.na; ++a_loc) {
+  const int64_t end = g.a_range[g.ni + i_loc];
+  for (int64_t k = g.a_range[i_loc]; k < end; ++k) {
+    const int64_t a_loc = g.a_order[k] - g.a0;
     float wp, wn;
     MixedSim ms;
-    if (triple(g, a_loc, i, j, wp, wn, ms)) acc += triple_grad<FORM>(g, a_loc, ms.s, wp, wn) * mixed_dgij(g.lam, ms);
+    if (triple(g, a_loc, g.i0 + i_loc, j, wp, wn, ms))
+      acc += triple_grad<FORM>(g, a_loc, ms.s, wp, wn) * mixed_dgij(g.lam, ms);
   }
-  g.dG[(i - g.i0) * g.B + j] = acc;
+  g.dG[i_loc * g.B + j] = acc;
 }
 
 }  // namespace
@@ -172,7 +174,7 @@ cudaError_t gram_backward(const GramArgs& g, cudaStream_t stream) {
   if (g.na == 0 || g.ni == 0 || g.B == 0) return cudaSuccess;
   return dispatch_form(g.form, [&](auto form) {
     constexpr int F = decltype(form)::value;
-    grad_ai_kernel<F><<<dim3(blocks_for(g.na, WARPS), blocks_for(g.ni, LANES)), THREADS, 0, stream>>>(g);
+    grad_ai_kernel<F><<<(unsigned)g.na, THREADS, 0, stream>>>(g);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     grad_aj_kernel<F><<<dim3(blocks_for(g.na, WARPS), blocks_for(g.B, LANES)), THREADS, 0, stream>>>(g);

@@ -23,6 +23,15 @@ TermAcc butterfly(std::vector<TermAcc> lanes) {  // the kernels' __shfl_xor_sync
   return lanes[0];
 }
 
+float butterfly_sum(std::vector<float> lanes) {  // the kernels' __shfl_xor_sync sum
+  for (size_t off = lanes.size() / 2; off > 0; off /= 2) {
+    std::vector<float> next = lanes;
+    for (size_t l = 0; l < lanes.size(); ++l) next[l] += lanes[l ^ off];
+    lanes = next;
+  }
+  return lanes[0];
+}
+
 struct Pairwise {
   const float *rows, *cols;
   int64_t R, V, d;
@@ -84,7 +93,7 @@ void pairwise_backward_t(const Pairwise& p, const float* stats, const float* gpo
 struct Gram {
   const float *P, *G;
   int64_t A, na, ni, B, a0, i0;
-  const int32_t *al, *ai, *lb;
+  const int32_t *al, *ai, *lb, *io, *ir, *ao, *ar;  // GramArgs i_order, i_range, a_order, a_range
   float lam;
   int member, label_mode, form, of;
   SigmaPair sg;
@@ -95,6 +104,11 @@ struct Gram {
     if (!(wp > 0.0f) && !(wn > 0.0f)) return false;
     ms = mixed_sim(lam, P[a * B + i], P[a * B + j], G[(i - i0) * B + j]);
     return true;
+  }
+  template <int FORM>
+  float grad(int64_t a, const float* st, const float* gpos, const float* gneg, float s, float wp, float wn) const {
+    const int64_t ga = a0 + a;
+    return pair_grad<FORM>(sg, of, s, wp, wn, st[ga], st[A + ga], gpos[ga], gneg[ga]);
   }
 };
 
@@ -108,10 +122,10 @@ void gram_forward_t(const Gram& g, float* st) {
     for (int64_t j0 = 0; j0 < g.B; j0 += 32) {  // one warp: 32 consecutive j, then a butterfly
       std::vector<TermAcc> lp(32, term_empty()), ln(32, term_empty());
       for (int64_t l = 0; l < 32 && j0 + l < g.B; ++l)
-        for (int64_t i = g.i0; i < g.i0 + g.ni; ++i) {
+        for (int64_t k = g.ir[a]; k < g.ir[g.na + a]; ++k) {
           float wp, wn;
           MixedSim ms;
-          if (g.triple(a, i, j0 + l, wp, wn, ms)) pair_add<FORM>(g.sg, g.of, ms.s, wp, wn, lp[l], ln[l]);
+          if (g.triple(a, g.io[k], j0 + l, wp, wn, ms)) pair_add<FORM>(g.sg, g.of, ms.s, wp, wn, lp[l], ln[l]);
         }
       term_merge<FORM>(pos, butterfly<FORM>(lp));
       term_merge<FORM>(neg, butterfly<FORM>(ln));
@@ -125,22 +139,39 @@ void gram_forward_t(const Gram& g, float* st) {
   }
 }
 
+// The three backward kernels in launch order: dP[a, i] (lane l sums j = l, l + 32, ..., then a
+// butterfly), dP[a, j], dG[i, j].
 template <int FORM>
 void gram_backward_t(const Gram& g, const float* st, const float* gpos, const float* gneg, float* dP, float* dG) {
-  for (int64_t k = 0; k < g.ni * g.B; ++k) dG[k] = 0.0f;
-  for (int64_t a = 0; a < g.na; ++a) {
-    const int64_t ga = g.a0 + a;
-    for (int64_t i = g.i0; i < g.i0 + g.ni; ++i)
-      for (int64_t j = 0; j < g.B; ++j) {
-        float wp, wn;
-        MixedSim ms;
-        if (!g.triple(a, i, j, wp, wn, ms)) continue;
-        float d = pair_grad<FORM>(g.sg, g.of, ms.s, wp, wn, st[ga], st[g.A + ga], gpos[ga], gneg[ga]);
-        dP[a * g.B + i] += d * mixed_dpai(g.lam, ms);
-        dP[a * g.B + j] += d * mixed_dpaj(g.lam, ms);
-        dG[(i - g.i0) * g.B + j] += d * mixed_dgij(g.lam, ms);
+  float wp, wn;
+  MixedSim ms;
+  for (int64_t a = 0; a < g.na; ++a)
+    for (int64_t k = g.ir[a]; k < g.ir[g.na + a]; ++k) {
+      const int64_t i = g.io[k];
+      std::vector<float> lanes(32, 0.0f);
+      for (int64_t j = 0; j < g.B; ++j)
+        if (g.triple(a, i, j, wp, wn, ms))
+          lanes[j % 32] += g.grad<FORM>(a, st, gpos, gneg, ms.s, wp, wn) * mixed_dpai(g.lam, ms);
+      dP[a * g.B + i] += butterfly_sum(lanes);
+    }
+  for (int64_t a = 0; a < g.na; ++a)
+    for (int64_t j = 0; j < g.B; ++j) {
+      float acc = 0.0f;
+      for (int64_t k = g.ir[a]; k < g.ir[g.na + a]; ++k)
+        if (g.triple(a, g.io[k], j, wp, wn, ms))
+          acc += g.grad<FORM>(a, st, gpos, gneg, ms.s, wp, wn) * mixed_dpaj(g.lam, ms);
+      dP[a * g.B + j] += acc;
+    }
+  for (int64_t i = 0; i < g.ni; ++i)
+    for (int64_t j = 0; j < g.B; ++j) {
+      float acc = 0.0f;
+      for (int64_t k = g.ar[i]; k < g.ar[g.ni + i]; ++k) {
+        const int64_t a = g.ao[k] - g.a0;
+        if (g.triple(a, g.i0 + i, j, wp, wn, ms))
+          acc += g.grad<FORM>(a, st, gpos, gneg, ms.s, wp, wn) * mixed_dgij(g.lam, ms);
       }
-  }
+      dG[i * g.B + j] = acc;
+    }
 }
 
 }  // namespace
@@ -166,10 +197,12 @@ void host_pairwise(const float* rows, const float* cols, int64_t R, int64_t V, i
 }
 
 void host_gram(const float* P, const float* G, int64_t A, int64_t na, int64_t ni, int64_t B, int64_t a0, int64_t i0,
-               const int32_t* al, const int32_t* ai, const int32_t* lb, float* stats, float lam, int member,
-               int label_mode, int form, int of, float ps, float psh, float ns, float nsh, const float* gpos,
-               const float* gneg, float* dP, float* dG) {
-  const Gram g{P, G, A, na, ni, B, a0, i0, al, ai, lb, lam, member, label_mode, form, of, SigmaPair{ps, psh, ns, nsh}};
+               const int32_t* al, const int32_t* ai, const int32_t* lb, const int32_t* io, const int32_t* ir,
+               const int32_t* ao, const int32_t* ar, float* stats, float lam, int member, int label_mode, int form,
+               int of, float ps, float psh, float ns, float nsh, const float* gpos, const float* gneg, float* dP,
+               float* dG) {
+  const Gram g{P, G, A, na, ni, B, a0, i0, al, ai, lb, io, ir, ao, ar, lam, member, label_mode, form, of,
+               SigmaPair{ps, psh, ns, nsh}};
   const bool backward = dP != nullptr;
   switch (form) {
     case FORM_EXP: backward ? gram_backward_t<FORM_EXP>(g, stats, gpos, gneg, dP, dG)

@@ -36,7 +36,10 @@ cudaError_t pairwise_backward(const PairwiseArgs& p, cudaStream_t stream);
 
 // One chunk of embedding mixup: anchors [a0, a0 + na) against mixing pairs (i, j) with
 // i in [i0, i0 + ni) and j in [0, B). P = anchors_chunk @ emb^T [na, B], G = emb_chunk @ emb^T
-// [ni, B], both float32, computed by the caller.
+// [ni, B], both float32, computed by the caller. The caller also groups the i an anchor can mix
+// (every member triple (a, i, j) has i in a's group) as two lists: the i of anchor a_loc are
+// i_order[k], k in [i_range[a_loc], i_range[na + a_loc]), all in [i0, i0 + ni); the anchors of
+// i = i0 + i_loc are a_order[k], k in [a_range[i_loc], a_range[ni + i_loc]), all in [a0, a0 + na).
 struct GramArgs {
   const float* P;
   const float* G;
@@ -44,6 +47,10 @@ struct GramArgs {
   const int32_t* anchor_label;  // [A]
   const int32_t* anchor_index;  // [A], -1 for proxies
   const int32_t* labels;        // [B]
+  const int32_t* i_order;       // [B]: emb indices, grouped
+  const int32_t* i_range;       // [2, na]
+  const int32_t* a_order;       // [A]: anchor indices, grouped (backward)
+  const int32_t* a_range;       // [2, ni] (backward)
   float lam;
   int member, label_mode, form, of;
   float pos_scale, pos_shift, neg_scale, neg_shift;

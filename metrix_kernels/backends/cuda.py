@@ -8,7 +8,8 @@ Build it with ``csrc/gpu_build.sh`` (or ``METRIX_FORCE_CUDA=1 python setup.py bu
 The kernels take float32 / float16 / bfloat16 embeddings and int32 labels; this module converts,
 allocates the outputs, and drives embedding mixup chunk by chunk: P = anchors @ emb^T and
 G = emb @ emb^T are formed for at most ``CHUNK_ELEMENTS`` entries at a time (cuBLAS), so memory
-stays bounded whatever B is.
+stays bounded whatever B is, and each chunk comes with the lists of the i each anchor can mix and
+of the anchors each i can be mixed for (``_Groups``), so the kernels skip the non-member triples.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import MEMBER_ALL, MEMBER_ALL_BUT_SELF, KernelConfig
+from . import MEMBER_ALL, MEMBER_ALL_BUT_SELF, MEMBER_ANC_NEG, MEMBER_POS_NEG, MEMBER_POS_POS, KernelConfig
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +173,41 @@ def _gram_setup(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
     return anchors.to(torch.float32).contiguous(), emb.to(torch.float32).contiguous(), meta, scalars
 
 
+def _group_keys(member: int, anchor_label, anchor_index, labels):
+    """(anchor keys, emb keys): triple (a, i, j) can be a member only where key[a] == key[i], since
+    pos-neg and pos-pos need label_i == z and anc-neg needs i == a. Neg-neg (label_i != z) is one
+    group: most of its triples are members."""
+    if member in (MEMBER_POS_NEG, MEMBER_POS_POS):
+        return anchor_label, labels
+    if member == MEMBER_ANC_NEG:
+        return anchor_index, torch.arange(labels.shape[0], dtype=torch.int32, device=labels.device)
+    return torch.zeros_like(anchor_label), torch.zeros_like(labels)
+
+
+class _Groups:
+    """The indices of ``keys`` grouped by key, ascending within a group (a stable sort, so the
+    kernels' loop order is fixed), on the device and without a host sync."""
+
+    def __init__(self, keys: torch.Tensor):
+        self.n = keys.shape[0]
+        order = torch.argsort(keys, stable=True)
+        self.order = order.to(torch.int32)
+        self.sorted = keys.long()[order] * self.n + order  # ascending (key, index), one int64 each
+
+    def ranges(self, query: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """[2, Q] int32: order[k] for k in [r[0, q], r[1, q]) are the indices in [lo, hi) of key query[q]."""
+        q = query.long() * self.n
+        return torch.stack([torch.searchsorted(self.sorted, q + lo, out_int32=True),
+                            torch.searchsorted(self.sorted, q + hi, out_int32=True)])
+
+
 def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg) -> torch.Tensor:
     """stats [6, A] of the anchors against all mixing pairs (i, j) of emb, through P and G chunks."""
     ext = _extension()
     af, ef, meta, scalars = _gram_setup(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
     a, b = af.shape[0], ef.shape[0]
+    key_a, key_e = _group_keys(scalars[1], *meta)
+    by_key = _Groups(key_e)
     stats = torch.zeros(6, a, dtype=torch.float32, device=af.device)
     if scalars[3] == FORMS["exp"]:
         stats[:2] = -float("inf")
@@ -185,7 +216,8 @@ def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cf
         p = af[a0:a0 + ca] @ ef.T
         for i0 in range(0, b, ci):
             g = ef[i0:i0 + ci] @ ef.T
-            ext.gram_forward(p, g, a0, i0, *meta, stats, *scalars)
+            i_range = by_key.ranges(key_a[a0:a0 + ca], i0, i0 + g.shape[0])
+            ext.gram_forward(p, g, a0, i0, *meta, by_key.order, i_range, stats, *scalars)
     return stats
 
 
@@ -197,6 +229,8 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
     af, ef, meta, scalars = _gram_setup(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
     a, b = af.shape[0], ef.shape[0]
     device = af.device
+    key_a, key_e = _group_keys(scalars[1], *meta)
+    emb_by_key, anchors_by_key = _Groups(key_e), _Groups(key_a)
     stats = stats.to(torch.float32).contiguous()
     gp, gn = _float32(grad_pos_sum, a, device), _float32(grad_neg_sum, a, device)
     grad_a, grad_e = torch.zeros_like(af), torch.zeros_like(ef)
@@ -207,7 +241,10 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
         for i0 in range(0, b, ci):
             g = ef[i0:i0 + ci] @ ef.T
             dg = torch.empty_like(g)
-            ext.gram_backward(p, g, a0, i0, *meta, stats, *scalars, gp, gn, dp, dg)
+            i_range = emb_by_key.ranges(key_a[a0:a0 + ca], i0, i0 + g.shape[0])
+            a_range = anchors_by_key.ranges(key_e[i0:i0 + ci], a0, a0 + p.shape[0])
+            ext.gram_backward(p, g, a0, i0, *meta, emb_by_key.order, i_range, anchors_by_key.order, a_range, stats,
+                              *scalars, gp, gn, dp, dg)
             grad_e[i0:i0 + ci] += dg @ ef  # G[i, j] = <e_i, e_j>
             grad_e += dg.T @ ef[i0:i0 + ci]
         grad_a[a0:a0 + ca] = dp @ ef  # P[a, k] = <anchor_a, e_k>
