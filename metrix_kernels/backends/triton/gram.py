@@ -26,7 +26,6 @@ from .common import (
     INTERPRET,
     dot_precision,
     interpretable,
-    k_block,
     label_factor,
     load_chunk,
     padded_dim,
@@ -247,13 +246,14 @@ def _backward(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_
         tl.store(grad_emb + offs_x[:, None] * D + offs_o[None, :], acc, mask=in_x[:, None] & (offs_o[None, :] < D))
 
 
-def _blocks(d: int, dtype) -> tuple[int, int, int, int]:
+def _blocks(d: int) -> tuple[int, int, int, int]:
     """(anchor tile, embedding tile, width chunk of the products, width chunk of the gradients): the
-    [A, I, J] blocks bound the tiles to 16; a [16, 512] gradient accumulator still fits the registers
-    of 8 warps, so up to d = 512 the backward computes each similarity tile once."""
+    [A, I, J] blocks bound the tiles to 16, so a product step reads [16, 128] operands (8 KiB in
+    float32); a [16, 512] gradient accumulator still fits the registers of 8 warps, so up to d = 512
+    the backward computes each similarity tile once."""
     if INTERPRET:  # several chunks even at the tests' small d
-        return 16, 16, k_block(d, dtype), min(padded_dim(d), 32)
-    return 16, 16, k_block(d, dtype), min(padded_dim(d), 512)
+        return 16, 16, 16, min(padded_dim(d), 32)
+    return 16, 16, min(padded_dim(d), 128), min(padded_dim(d), 512)
 
 
 def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
@@ -274,7 +274,7 @@ def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cf
     if na == 0:
         return stats
     tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
-    ba, be, bk, _ = _blocks(d, anchors.dtype)
+    ba, be, bk, _ = _blocks(d)
     _forward[(triton.cdiv(na, ba),)](*tensors, stats, na, emb.shape[0], d, *scalars, **consts, BA=ba, BE=be, BK=bk,
                                      num_warps=4)
     return stats
@@ -291,7 +291,7 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
     if na == 0 or b == 0:
         return grad_anchors.zero_(), grad_emb.zero_()
     tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
-    ba, be, bk, bo = _blocks(d, anchors.dtype)
+    ba, be, bk, bo = _blocks(d)
     grid = (triton.cdiv(na, ba) + triton.cdiv(b, be), triton.cdiv(d, bo))
     _backward[grid](*tensors, stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous(), grad_anchors, grad_emb,
                     na, b, d, *scalars, **consts, BA=ba, BE=be, BK=bk, BO=bo, num_warps=8)
