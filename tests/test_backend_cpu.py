@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from metrix_kernels import FAMILY, metrix_loss, reference
-from metrix_kernels.backends import KernelConfig, MEMBER_RULES, cpu
+from metrix_kernels.backends import MEMBER_ALL_BUT_SELF, KernelConfig, MEMBER_RULES, cpu
 from metrix_kernels.family import resolve
 
 built = pytest.mark.skipif(not cpu.available(), reason="metrix_kernels._cpu is not built")
@@ -223,6 +223,42 @@ def test_inputs_that_require_grad_over_many_tiles():
     cfg = cfg._replace(member=MEMBER_RULES["pos-neg"])
     stats = cpu.gram_mixed_forward(e, labels, index, e, labels, 0.3, cfg)
     cpu.gram_mixed_backward(e, labels, index, e, labels, 0.3, cfg, stats, g, g)
+
+
+@built
+@pytest.mark.parametrize("op", ["pairwise", "gram"])
+def test_backward_reuses_forward_products_only_on_the_same_inputs(op):
+    """A forward on inputs that require grad leaves its products to the backward on the very same,
+    unmodified tensors; a backward on other tensors, or after an in-place change, recomputes them."""
+    gen = torch.Generator().manual_seed(0)
+    terms = terms_of("multi_similarity")
+    labels, index = torch.arange(40) // 4, torch.arange(40)
+    g_pos, g_neg = torch.rand(2, 40, generator=gen)
+    if op == "pairwise":
+        cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, MEMBER_ALL_BUT_SELF)
+        args = (labels, labels, index)
+        forward = lambda e: cpu.pairwise_forward(e, *args, e, *args, 1.0, cfg)
+        backward = lambda e, st: cpu.pairwise_backward(e, *args, e, *args, 1.0, cfg, st, g_pos, g_neg)
+    else:
+        cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, MEMBER_RULES["pos-neg"])
+        forward = lambda e: cpu.gram_mixed_forward(e, labels, index, e, labels, 0.3, cfg)
+        backward = lambda e, st: cpu.gram_mixed_backward(e, labels, index, e, labels, 0.3, cfg, st, g_pos, g_neg)
+    e = unit(40, 16, gen, torch.float32).requires_grad_(True)
+    stats = forward(e)
+    assert op in cpu._kept
+    reused = backward(e, stats)
+    assert op not in cpu._kept
+    forward(e)
+    other = e.detach().clone().requires_grad_(True)
+    for got, want in zip(backward(other, stats), reused):  # recomputed
+        torch.testing.assert_close(got, want)
+    forward(e)
+    with torch.no_grad():
+        e.add_(0.1 * torch.randn(40, 16, generator=gen))  # stale products must not be used
+    stale = backward(e, stats)
+    fresh = backward(e.detach().clone(), stats)
+    for got, want in zip(stale, fresh):
+        torch.testing.assert_close(got, want)
 
 
 @built

@@ -226,6 +226,16 @@ inline at::Tensor make_stats(const at::Tensor& like, int64_t rows, const std::ve
   return stats;
 }
 
+// a += a^T for a square [n, n] matrix.
+template <typename T>
+void add_transpose(T* a, int64_t n) {
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t i = 0; i < n; ++i) {
+    a[i * n + i] *= T(2);
+    for (int64_t j = i + 1; j < n; ++j) a[i * n + j] = a[j * n + i] = a[i * n + j] + a[j * n + i];
+  }
+}
+
 // Runs f(T{}) with T the C++ type of a float32 / float64 tensor.
 template <typename F>
 void dispatch(const at::Tensor& x, F f) {

@@ -2,9 +2,12 @@
 // (e_i, e_j) is (lam S_ai + (1 - lam) S_aj) r_ij with S = anchors emb^T and r_ij = 1 / |lam e_i +
 // (1 - lam) e_j|, a function of G_ij = <e_i, e_j>. Examples are sorted by label so that the mixing
 // set of an anchor is a few contiguous ranges of j for each i (the membership rule), and the soft
-// label is one constant per pair set. Memory: S [A, B] and r [B, B] (their gradients in backward);
-// neither mixed embeddings nor anchor-to-mixed similarities exist.
+// label is one constant per pair set. Memory: G and r [B, B], S [A, B] unless the anchors are the
+// embeddings (S is then rows of G), their gradients in backward; neither mixed embeddings nor
+// anchor-to-mixed similarities exist.
 #include <omp.h>
+
+#include <numeric>
 
 #include "common.h"
 #include "kernels.h"
@@ -13,38 +16,66 @@ namespace metrix {
 namespace {
 
 struct Layout {
-  at::Tensor emb_s, perm, S, r;  // sorted embeddings, their original indices, S, r_ij
-  std::vector<int64_t> lab, orig, pos, begin, end;  // sorted labels / originals; per anchor: sorted
-                                                     // position (or -1) and its class range
+  at::Tensor emb_s, G, S, r;  // sorted embeddings, their Gram matrix, S (undefined when same), r_ij
+  std::vector<int64_t> lab, orig, pos, begin, end, srow;  // sorted labels / originals; per anchor: sorted
+                                                           // position (or -1), class range, row of S in G
   int64_t A, B;
+  bool sorted, same;  // labels came sorted (emb_s is emb); the anchors are emb
+
+  template <typename T>
+  const T* S_row(int64_t a) const {
+    return same ? G.data_ptr<T>() + srow[a] * B : S.data_ptr<T>() + a * B;
+  }
+  // The gradient in the original order of emb from that of emb_s.
+  at::Tensor unsort(const at::Tensor& g) const {
+    return sorted ? g : at::empty_like(g).index_copy_(0, at::tensor(orig, g.options().dtype(at::kLong)), g);
+  }
 };
 
-// same_anchors: the anchors are the embeddings themselves, so S is a row permutation of G.
+// same: anchors and emb are one tensor, so S is a row permutation of G and only their summed
+// gradient reaches autograd. saved: {G, r[, S]} as the forward returned them, or empty.
 Layout layout(const at::Tensor& anchors, const at::Tensor& anchor_label, const at::Tensor& anchor_index,
-              const at::Tensor& emb, const at::Tensor& labels, double lam, bool same_anchors) {
+              const at::Tensor& emb, const at::Tensor& labels, double lam, bool same,
+              const std::vector<at::Tensor>& saved = {}) {
   Layout L;
-  L.A = anchors.size(0), L.B = emb.size(0);
-  auto sorted = labels.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
-  auto lab_s = std::get<0>(sorted).contiguous();
-  L.perm = std::get<1>(sorted).contiguous();
-  L.lab.assign(lab_s.data_ptr<int64_t>(), lab_s.data_ptr<int64_t>() + L.B);
-  L.orig.assign(L.perm.data_ptr<int64_t>(), L.perm.data_ptr<int64_t>() + L.B);
+  L.A = anchors.size(0), L.B = emb.size(0), L.same = same;
+  const int64_t* lp = labels.data_ptr<int64_t>();
+  L.sorted = std::is_sorted(lp, lp + L.B);  // the ops layer groups pos-neg / anc-neg batches by class
+  L.orig.resize(L.B);
+  std::iota(L.orig.begin(), L.orig.end(), int64_t(0));
+  if (!L.sorted) std::stable_sort(L.orig.begin(), L.orig.end(), [&](int64_t x, int64_t z) { return lp[x] < lp[z]; });
+  L.lab.resize(L.B);
   std::vector<int64_t> where(L.B);
-  for (int64_t p = 0; p < L.B; ++p) where[L.orig[p]] = p;
+  for (int64_t p = 0; p < L.B; ++p) L.lab[p] = lp[L.orig[p]], where[L.orig[p]] = p;
   const int64_t* al = anchor_label.data_ptr<int64_t>();
   const int64_t* ai = anchor_index.data_ptr<int64_t>();
-  L.pos.resize(L.A), L.begin.resize(L.A), L.end.resize(L.A);
+  L.pos.resize(L.A), L.begin.resize(L.A), L.end.resize(L.A), L.srow.resize(same ? L.A : 0);
   for (int64_t a = 0; a < L.A; ++a) {
     L.begin[a] = std::lower_bound(L.lab.begin(), L.lab.end(), al[a]) - L.lab.begin();
     L.end[a] = std::upper_bound(L.lab.begin(), L.lab.end(), al[a]) - L.lab.begin();
     L.pos[a] = ai[a] >= 0 ? where[ai[a]] : -1;
+    if (same) L.srow[a] = where[a];
   }
-  L.emb_s = emb.index_select(0, L.perm);
-  L.r = at::mm(L.emb_s, L.emb_s.t());
-  L.S = same_anchors ? L.r.index_select(0, at::tensor(where, L.perm.options())) : at::mm(anchors, L.emb_s.t());
-  // r_ij = 1 / max(sqrt(lam^2 + (1 - lam)^2 + 2 lam (1 - lam) G_ij), 1e-12), in place of G
-  const double q = lam * lam + (1 - lam) * (1 - lam), c = 2 * lam * (1 - lam);
-  L.r.mul_(c).add_(q).clamp_min_(0).sqrt_().clamp_min_(1e-12).reciprocal_();
+  L.emb_s = L.sorted ? emb : emb.index_select(0, at::tensor(L.orig, labels.options()));
+  if (!saved.empty()) {
+    L.G = saved[0], L.r = saved[1];
+    if (!same) L.S = saved[2];
+    return L;
+  }
+  L.G = at::mm(L.emb_s, L.emb_s.t());
+  if (!same) L.S = at::mm(anchors, L.emb_s.t());
+  // r_ij = 1 / max(sqrt(lam^2 + (1 - lam)^2 + 2 lam (1 - lam) G_ij), 1e-12)
+  L.r = at::empty_like(L.G);
+  dispatch(emb, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t q = scalar_t(lam * lam + (1 - lam) * (1 - lam)), c = scalar_t(2 * lam * (1 - lam));
+    const scalar_t* g = L.G.data_ptr<scalar_t>();
+    scalar_t* r = L.r.data_ptr<scalar_t>();
+    const int64_t n = L.B * L.B;
+#pragma omp parallel for simd schedule(static)
+    for (int64_t k = 0; k < n; ++k)
+      r[k] = scalar_t(1) / std::max(std::sqrt(std::max(g[k] * c + q, scalar_t(0))), scalar_t(1e-12));
+  });
   return L;
 }
 
@@ -79,7 +110,7 @@ inline T lam_on_i(const Layout& L, int64_t i, int64_t j, T lam, bool unordered) 
 
 template <typename T>
 void mixed_sims(const Layout& L, int64_t a, int64_t i, int64_t j0, int64_t j1, T lam, bool unordered, T* out) {
-  const T* Sa = L.S.data_ptr<T>() + a * L.B;
+  const T* Sa = L.S_row<T>(a);
   const T* ri = L.r.data_ptr<T>() + i * L.B;
   const T sai = Sa[i];
   if (!unordered) {
@@ -101,12 +132,14 @@ double pair_set_label(int rule, int mode, double lam) {
 
 }  // namespace
 
-at::Tensor gram_mixed_forward(at::Tensor anchors, at::Tensor anchor_label, at::Tensor anchor_index,
-                                 at::Tensor emb, at::Tensor labels, double lam, std::vector<double> sig_pos,
-                                 std::vector<double> sig_neg, int64_t member, int64_t mode, bool same_anchors) {
+// Returns {stats, G, r[, S]}: the products, for backward to reuse.
+std::vector<at::Tensor> gram_mixed_forward(at::Tensor anchors, at::Tensor anchor_label, at::Tensor anchor_index,
+                                              at::Tensor emb, at::Tensor labels, double lam,
+                                              std::vector<double> sig_pos, std::vector<double> sig_neg,
+                                              int64_t member, int64_t mode, bool same) {
   TORCH_CHECK(member >= POS_NEG && member <= NEG_NEG, "gram_mixed: member must be a mixing pair set");
   const Sigma sp = sigma_from(sig_pos), sn = sigma_from(sig_neg);
-  const Layout L = layout(anchors, anchor_label, anchor_index, emb, labels, lam, same_anchors);
+  const Layout L = layout(anchors, anchor_label, anchor_index, emb, labels, lam, same);
   const int rule = static_cast<int>(member);
   const bool unordered = rule == POS_POS || rule == NEG_NEG;
   const Weight wp = Weight::of(pair_set_label(rule, static_cast<int>(mode), lam));
@@ -116,8 +149,6 @@ at::Tensor gram_mixed_forward(at::Tensor anchors, at::Tensor anchor_label, at::T
     using scalar_t = decltype(zero);
 #pragma omp parallel
     {
-      // ATen calls in worker threads: autograd's thread-local state does not reach them
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::vector<scalar_t> s(L.B), w_p(L.B, scalar_t(wp.w)), lw_p(L.B, scalar_t(wp.lw)), w_n(L.B, scalar_t(wn.w)),
           lw_n(L.B, scalar_t(wn.lw));
 #pragma omp for schedule(dynamic, 4)
@@ -132,17 +163,19 @@ at::Tensor gram_mixed_forward(at::Tensor anchors, at::Tensor anchor_label, at::T
       }
     }
   });
-  return make_stats(anchors, L.A, tp, tn, sp, sn);
+  auto stats = make_stats(anchors, L.A, tp, tn, sp, sn);
+  if (same) return {stats, L.G, L.r};
+  return {stats, L.G, L.r, L.S};
 }
 
 std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor anchor_label,
                                                at::Tensor anchor_index, at::Tensor emb, at::Tensor labels,
                                                double lam, std::vector<double> sig_pos, std::vector<double> sig_neg,
-                                               int64_t member, int64_t mode, bool same_anchors, at::Tensor stats,
-                                               at::Tensor grad_pos, at::Tensor grad_neg) {
+                                               int64_t member, int64_t mode, bool same, at::Tensor stats,
+                                               at::Tensor grad_pos, at::Tensor grad_neg, std::vector<at::Tensor> saved) {
   TORCH_CHECK(member >= POS_NEG && member <= NEG_NEG, "gram_mixed: member must be a mixing pair set");
   const Sigma sp = sigma_from(sig_pos), sn = sigma_from(sig_neg);
-  const Layout L = layout(anchors, anchor_label, anchor_index, emb, labels, lam, same_anchors);
+  const Layout L = layout(anchors, anchor_label, anchor_index, emb, labels, lam, same, saved);
   const int rule = static_cast<int>(member);
   const bool unordered = rule == POS_POS || rule == NEG_NEG;
   const Weight wp = Weight::of(pair_set_label(rule, static_cast<int>(mode), lam));
@@ -152,7 +185,7 @@ std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor ancho
   // Anchors of one label touch the rows i of dG of that label only (except for neg-neg): one
   // group per label, processed by one thread, keeps dG free of races.
   std::vector<int64_t> order(L.A);
-  for (int64_t a = 0; a < L.A; ++a) order[a] = a;
+  std::iota(order.begin(), order.end(), int64_t(0));
   const int64_t* al = anchor_label.data_ptr<int64_t>();
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t z) { return al[x] < al[z]; });
   std::vector<int64_t> group_start;
@@ -160,10 +193,13 @@ std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor ancho
     if (k == 0 || al[order[k]] != al[order[k - 1]]) group_start.push_back(k);
   group_start.push_back(L.A);
   const int64_t groups = static_cast<int64_t>(group_start.size()) - 1;
-  const bool private_dG = rule == NEG_NEG;
+  // When the anchors are emb, dS is accumulated into dG at the anchors' rows (S_a = G_srow[a]):
+  // in their label's rows too, unless the anchor labels disagree with the labels.
+  bool private_dG = rule == NEG_NEG;
+  for (int64_t a = 0; same && a < L.A; ++a) private_dG |= L.srow[a] < L.begin[a] || L.srow[a] >= L.end[a];
   const int threads = omp_get_max_threads();
 
-  auto dS = at::zeros_like(L.S);
+  auto dS = same ? at::Tensor() : at::zeros_like(L.S);
   auto dG = at::zeros({private_dG ? threads : 1, L.B, L.B}, emb.options());
   dispatch(emb, [&](auto zero) {
     using scalar_t = decltype(zero);
@@ -171,9 +207,7 @@ std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor ancho
     const scalar_t* r = L.r.data_ptr<scalar_t>();
 #pragma omp parallel
     {
-      // ATen calls in worker threads: autograd's thread-local state does not reach them
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::vector<scalar_t> s(L.B), d(L.B), w_p(L.B, scalar_t(wp.w)), lw_p(L.B, scalar_t(wp.lw)),
+      std::vector<scalar_t> s(L.B), d(L.B), dSa(L.B), w_p(L.B, scalar_t(wp.w)), lw_p(L.B, scalar_t(wp.lw)),
           w_n(L.B, scalar_t(wn.w)), lw_n(L.B, scalar_t(wn.lw));
       scalar_t* g = dG.data_ptr<scalar_t>() + (private_dG ? omp_get_thread_num() * L.B * L.B : 0);
 #pragma omp for schedule(dynamic)
@@ -182,7 +216,7 @@ std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor ancho
           const int64_t a = order[o];
           const scalar_t gpa = scalar_t(wp.w > 0 ? gp[a] : 0), gna = scalar_t(wn.w > 0 ? gn[a] : 0);
           const scalar_t lp = scalar_t(lse_p[a]), ln = scalar_t(lse_n[a]);
-          scalar_t* dSa = dS.data_ptr<scalar_t>() + a * L.B;
+          std::fill(dSa.begin(), dSa.end(), scalar_t(0));  // its own row: it may be row i of dG
           for_each_range(rule, L.begin[a], L.end[a], L.pos[a], L.B, [&](int64_t i, int64_t j0, int64_t j1) {
             if (j1 <= j0) return;
             mixed_sims<scalar_t>(L, a, i, j0, j1, lm, unordered, s.data());
@@ -212,15 +246,20 @@ std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor ancho
             }
             dSa[i] += dsi;
           });
+          scalar_t* to = same ? g + L.srow[a] * L.B : dS.data_ptr<scalar_t>() + a * L.B;
+#pragma omp simd
+          for (int64_t j = 0; j < L.B; ++j) to[j] += dSa[j];
         }
       }
     }
   });
-  auto dGs = dG.sum(0);
-  auto grad_anchors = at::mm(dS, L.emb_s);
-  auto grad_sorted = at::mm(dS.t(), anchors) + at::mm(dGs + dGs.t(), L.emb_s);
-  auto grad_emb = at::zeros_like(emb).index_copy_(0, L.perm, grad_sorted);
-  return {grad_anchors, grad_emb};
+  // G = emb_s emb_s^T, S = anchors emb_s^T: dL/demb_s = (dG + dG^T) emb_s + dS^T anchors, dL/danchors = dS emb_s
+  auto dGs = private_dG ? dG.sum(0) : dG[0];
+  dispatch(emb, [&](auto zero) { add_transpose(dGs.data_ptr<decltype(zero)>(), L.B); });
+  auto grad_sorted = at::mm(dGs, L.emb_s);
+  if (same) return {at::zeros_like(anchors), L.unsort(grad_sorted)};  // dS is in dG: the whole gradient
+  grad_sorted.addmm_(dS.t(), anchors);
+  return {at::mm(dS, L.emb_s), L.unsort(grad_sorted)};
 }
 
 }  // namespace metrix

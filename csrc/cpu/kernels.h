@@ -6,19 +6,20 @@
 #include <vector>
 
 namespace metrix {
-at::Tensor pairwise_forward(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                               at::Tensor, at::Tensor, at::Tensor, double, std::vector<double>,
-                               std::vector<double>, int64_t, int64_t, bool, std::optional<at::Tensor>);
+std::vector<at::Tensor> pairwise_forward(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                            at::Tensor, at::Tensor, at::Tensor, double, std::vector<double>,
+                                            std::vector<double>, int64_t, int64_t, bool, std::optional<at::Tensor>);
 std::vector<at::Tensor> pairwise_backward(at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                              at::Tensor, at::Tensor, at::Tensor, at::Tensor, double,
                                              std::vector<double>, std::vector<double>, int64_t, int64_t, bool,
                                              std::optional<at::Tensor>, at::Tensor, at::Tensor,
-                                             at::Tensor);
-at::Tensor gram_mixed_forward(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double,
-                                 std::vector<double>, std::vector<double>, int64_t, int64_t, bool);
+                                             at::Tensor, bool, std::optional<at::Tensor>);
+std::vector<at::Tensor> gram_mixed_forward(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double,
+                                              std::vector<double>, std::vector<double>, int64_t, int64_t, bool);
 std::vector<at::Tensor> gram_mixed_backward(at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                                at::Tensor, double, std::vector<double>, std::vector<double>,
-                                               int64_t, int64_t, bool, at::Tensor, at::Tensor, at::Tensor);
+                                               int64_t, int64_t, bool, at::Tensor, at::Tensor, at::Tensor,
+                                               std::vector<at::Tensor>);
 std::vector<at::Tensor> mixpool_forward(at::Tensor, at::Tensor, at::Tensor, double);
 at::Tensor mixpool_backward(at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, at::Tensor);
 }  // namespace metrix

@@ -1,7 +1,9 @@
-// Generic pairwise loss: rows [R, d] against cols [V, d], similarity tiles from BLAS, per-pair
-// weights from labels, per-row log-sum-exp statistics. No [R, V] matrix is kept: each thread owns
-// one tile of at most kTileElems similarities; backward recomputes the tile and turns it into
-// dL/ds before two matrix products.
+// Generic pairwise loss: rows [R, d] against cols [V, d], similarity blocks from BLAS, per-pair
+// weights from labels, per-row log-sum-exp statistics. No [R, V] matrix is kept: rows go in blocks
+// of at most kBlockElems similarities, each one multi-threaded BLAS product followed by a parallel
+// pass over the block's rows (BLAS at full width beats one single-threaded product per thread on
+// small tiles). Backward recomputes a block and turns it into dL/ds in place before its gradient
+// products.
 #include <omp.h>
 
 #include "common.h"
@@ -10,7 +12,7 @@
 namespace metrix {
 namespace {
 
-constexpr int64_t kTileElems = 1 << 17;
+constexpr int64_t kBlockElems = 1 << 18;
 constexpr int64_t kMaxCols = 4096;
 
 struct Pairs {
@@ -19,10 +21,10 @@ struct Pairs {
   int64_t V;
   int member;
   bool mixed_rows;
-  Weight pos[4], neg[4];  // by [label_i == z] * 2 + [label_j == z]
+  Weight pos[5], neg[5];  // by [label_i == z] * 2 + [label_j == z]; 4: not a member
 
-  // The weights of pair (r, c) in the two terms; none when the pair does not count.
-  void weights(int64_t r, int64_t c, Weight& wp, Weight& wn) const {
+  // Which of pos / neg applies to pair (r, c).
+  int code(int64_t r, int64_t c) const {
     int64_t li, lj, i, z, a;
     if (mixed_rows) {
       li = rli[r], lj = rlj[r], i = ridx[r], z = cli[c], a = cidx[c];
@@ -30,45 +32,34 @@ struct Pairs {
       li = cli[c], lj = clj[c], i = cidx[c], z = rli[r], a = ridx[r];
     }
     const bool pi = li == z, pj = lj == z;
-    if (mask ? mask[r * V + c] : rule_member(member, pi, pj, i == a)) {
-      wp = pos[pi * 2 + pj], wn = neg[pi * 2 + pj];
-    } else {
-      wp = wn = Weight{};
-    }
+    return (mask ? mask[r * V + c] : rule_member(member, pi, pj, i == a)) ? pi * 2 + pj : 4;
   }
 };
 
-struct Tiling {
-  int64_t rt, ct, row_tiles;
-};
-
-Tiling tiling(int64_t R, int64_t V) {
-  const int64_t ct = std::max<int64_t>(1, std::min(V, kMaxCols));
-  const int64_t spread = (R + 4 * omp_get_max_threads() - 1) / (4 * omp_get_max_threads());
-  const int64_t rt = std::max<int64_t>(1, std::min(kTileElems / ct, spread));
-  return {rt, ct, (R + rt - 1) / rt};
-}
-
-// The weights of one tile row, per term: linear, log, and their mass.
+// The weights of one block row, per term: linear, log, and their mass.
 template <typename T>
 struct RowWeights {
   std::vector<T> wp, lwp, wn, lwn;
   double mass_p = 0.0, mass_n = 0.0;
+  T tab[4][5];  // wp, lwp, wn, lwn by pair code
 
-  explicit RowWeights(int64_t n) : wp(n), lwp(n), wn(n), lwn(n) {}
+  RowWeights(const Pairs& P, int64_t n) : wp(n), lwp(n), wn(n), lwn(n) {
+    for (int k = 0; k < 5; ++k)
+      tab[0][k] = T(P.pos[k].w), tab[1][k] = T(P.pos[k].lw), tab[2][k] = T(P.neg[k].w), tab[3][k] = T(P.neg[k].lw);
+  }
 
   void fill(const Pairs& P, int64_t r, int64_t c0, int64_t cn) {
-    mass_p = mass_n = 0.0;
+    double mp = 0.0, mn = 0.0;
     for (int64_t k = 0; k < cn; ++k) {
-      Weight a, b;
-      P.weights(r, c0 + k, a, b);
-      wp[k] = T(a.w), lwp[k] = T(a.lw), wn[k] = T(b.w), lwn[k] = T(b.lw);
-      mass_p += a.w, mass_n += b.w;
+      const int x = P.code(r, c0 + k);
+      wp[k] = tab[0][x], lwp[k] = tab[1][x], wn[k] = tab[2][x], lwn[k] = tab[3][x];
+      mp += P.pos[x].w, mn += P.neg[x].w;
     }
+    mass_p = mp, mass_n = mn;
   }
 };
 
-// dL/ds of one tile row, written over the similarities (d: scratch of the row's length).
+// dL/ds of one block row, written over the similarities (d: scratch of the row's length).
 template <typename T>
 void row_grad(const Sigma& sp, const Sigma& sn, T* s, const RowWeights<T>& w, int64_t n, T lse_p, T lse_n, T gp,
               T gn, T* d) {
@@ -88,98 +79,115 @@ Pairs make_pairs(const at::Tensor& rli, const at::Tensor& rlj, const at::Tensor&
     const double y = soft_label(static_cast<int>(mode), lam, k & 2, k & 1);
     P.pos[k] = Weight::of(y), P.neg[k] = Weight::of(1.0 - y);
   }
-  return P;
+  return P;  // pos[4] = neg[4] = no weight
+}
+
+// Calls f(r0, rn, c0, cn, sim) for each block, sim [rn, cn] = rows[r0:] cols[c0:]^T. Returns the
+// whole [R, V] similarity matrix when it was one block (the forward's, that backward may reuse), or
+// an undefined tensor. saved: that matrix, reused instead of the product.
+template <typename F>
+at::Tensor for_each_block(const at::Tensor& rows, const at::Tensor& cols, const std::optional<at::Tensor>& saved,
+                          F f) {
+  const int64_t R = rows.size(0), V = cols.size(0);
+  const int64_t cb = std::max<int64_t>(1, std::min(V, kMaxCols));
+  const int64_t rb = std::max<int64_t>(1, std::min(R, kBlockElems / cb));
+  if (rb >= R && cb >= V) {
+    auto sim = saved ? *saved : at::mm(rows, cols.t());
+    f(0, R, 0, V, sim);
+    return sim;
+  }
+  auto buf = at::empty({rb * cb}, rows.options());
+  for (int64_t r0 = 0; r0 < R; r0 += rb) {
+    const int64_t rn = std::min(rb, R - r0);
+    for (int64_t c0 = 0; c0 < V; c0 += cb) {
+      const int64_t cn = std::min(cb, V - c0);
+      auto sim = buf.narrow(0, 0, rn * cn).view({rn, cn});
+      at::mm_out(sim, rows.narrow(0, r0, rn), cols.narrow(0, c0, cn).t());
+      f(r0, rn, c0, cn, sim);
+    }
+  }
+  return at::Tensor();
 }
 
 }  // namespace
 
-at::Tensor pairwise_forward(at::Tensor rows, at::Tensor rli, at::Tensor rlj, at::Tensor ridx,
-                               at::Tensor cols, at::Tensor cli, at::Tensor clj, at::Tensor cidx,
-                               double lam, std::vector<double> sig_pos, std::vector<double> sig_neg, int64_t member,
-                               int64_t mode, bool mixed_rows, std::optional<at::Tensor> mask) {
+// Returns {stats} and, when the similarities were one block, that [R, V] block for backward.
+std::vector<at::Tensor> pairwise_forward(at::Tensor rows, at::Tensor rli, at::Tensor rlj, at::Tensor ridx,
+                                            at::Tensor cols, at::Tensor cli, at::Tensor clj, at::Tensor cidx,
+                                            double lam, std::vector<double> sig_pos, std::vector<double> sig_neg,
+                                            int64_t member, int64_t mode, bool mixed_rows,
+                                            std::optional<at::Tensor> mask) {
   const int64_t R = rows.size(0), V = cols.size(0);
   const Sigma sp = sigma_from(sig_pos), sn = sigma_from(sig_neg);
   const Pairs P = make_pairs(rli, rlj, ridx, cli, clj, cidx, mask, V, lam, member, mode, mixed_rows);
   std::vector<Term> tp(R), tn(R);
-  const Tiling tl = tiling(R, V);
+  at::Tensor whole;
   dispatch(rows, [&](auto zero) {
     using scalar_t = decltype(zero);
+    whole = for_each_block(rows, cols, std::nullopt, [&](int64_t r0, int64_t rn, int64_t c0, int64_t cn, at::Tensor& sim) {
+      const scalar_t* s = sim.data_ptr<scalar_t>();
 #pragma omp parallel
-    {
-      // ATen calls in worker threads: autograd's thread-local state does not reach them
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      auto tile = at::empty({tl.rt * tl.ct}, rows.options());
-      RowWeights<scalar_t> w(tl.ct);
-#pragma omp for schedule(dynamic)
-      for (int64_t t = 0; t < tl.row_tiles; ++t) {
-        const int64_t r0 = t * tl.rt, rn = std::min(tl.rt, R - r0);
-        for (int64_t c0 = 0; c0 < V; c0 += tl.ct) {
-          const int64_t cn = std::min(tl.ct, V - c0);
-          auto sim = tile.narrow(0, 0, rn * cn).view({rn, cn});
-          at::mm_out(sim, rows.narrow(0, r0, rn), cols.narrow(0, c0, cn).t());
-          const scalar_t* s = sim.data_ptr<scalar_t>();
-          for (int64_t k = 0; k < rn; ++k) {
-            w.fill(P, r0 + k, c0, cn);
-            tp[r0 + k].mass += w.mass_p, tn[r0 + k].mass += w.mass_n;
-            reduce_term(sp, s + k * cn, w.wp.data(), w.lwp.data(), cn, tp[r0 + k]);
-            reduce_term(sn, s + k * cn, w.wn.data(), w.lwn.data(), cn, tn[r0 + k]);
-          }
+      {
+        RowWeights<scalar_t> w(P, cn);
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < rn; ++k) {
+          w.fill(P, r0 + k, c0, cn);
+          tp[r0 + k].mass += w.mass_p, tn[r0 + k].mass += w.mass_n;
+          reduce_term(sp, s + k * cn, w.wp.data(), w.lwp.data(), cn, tp[r0 + k]);
+          reduce_term(sn, s + k * cn, w.wn.data(), w.lwn.data(), cn, tn[r0 + k]);
         }
       }
-    }
+    });
   });
-  return make_stats(rows, R, tp, tn, sp, sn);
+  auto stats = make_stats(rows, R, tp, tn, sp, sn);
+  if (!whole.defined()) return {stats};
+  return {stats, whole};
 }
 
+// same: rows and cols are one tensor (the caller passed the same object), so only their summed
+// gradient can reach autograd: it is returned whole in grad_rows, from one product (D + D^T) X
+// where the block is the whole [R, R] matrix; grad_cols is then zero. saved: the forward's
+// similarity matrix, if it returned one (overwritten).
 std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::Tensor rlj,
                                              at::Tensor ridx, at::Tensor cols, at::Tensor cli,
                                              at::Tensor clj, at::Tensor cidx, double lam,
                                              std::vector<double> sig_pos, std::vector<double> sig_neg,
                                              int64_t member, int64_t mode, bool mixed_rows,
                                              std::optional<at::Tensor> mask, at::Tensor stats,
-                                             at::Tensor grad_pos, at::Tensor grad_neg) {
+                                             at::Tensor grad_pos, at::Tensor grad_neg, bool same,
+                                             std::optional<at::Tensor> saved) {
   const int64_t R = rows.size(0), V = cols.size(0);
   const Sigma sp = sigma_from(sig_pos), sn = sigma_from(sig_neg);
   const Pairs P = make_pairs(rli, rlj, ridx, cli, clj, cidx, mask, V, lam, member, mode, mixed_rows);
   const auto lse_p = to_vector(stats[0]), lse_n = to_vector(stats[1]);
   const auto gp = to_vector(grad_pos), gn = to_vector(grad_neg);
-  const Tiling tl = tiling(R, V);
-  const int threads = omp_get_max_threads();
   auto grad_rows = at::zeros_like(rows);
-  // each thread accumulates the columns' gradient on its own, summed at the end
-  auto grad_cols = at::zeros({threads, V, cols.size(1)}, cols.options());
+  auto grad_cols = same ? grad_rows : at::zeros_like(cols);
   dispatch(rows, [&](auto zero) {
     using scalar_t = decltype(zero);
+    for_each_block(rows, cols, saved, [&](int64_t r0, int64_t rn, int64_t c0, int64_t cn, at::Tensor& sim) {
+      scalar_t* s = sim.data_ptr<scalar_t>();
 #pragma omp parallel
-    {
-      // ATen calls in worker threads: autograd's thread-local state does not reach them
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      auto tile = at::empty({tl.rt * tl.ct}, rows.options());
-      auto my_cols = grad_cols[omp_get_thread_num()];
-      RowWeights<scalar_t> w(tl.ct);
-      std::vector<scalar_t> d(tl.ct);
-#pragma omp for schedule(dynamic)
-      for (int64_t t = 0; t < tl.row_tiles; ++t) {
-        const int64_t r0 = t * tl.rt, rn = std::min(tl.rt, R - r0);
-        auto row_block = rows.narrow(0, r0, rn);
-        for (int64_t c0 = 0; c0 < V; c0 += tl.ct) {
-          const int64_t cn = std::min(tl.ct, V - c0);
-          auto sim = tile.narrow(0, 0, rn * cn).view({rn, cn});
-          auto col_block = cols.narrow(0, c0, cn);
-          at::mm_out(sim, row_block, col_block.t());
-          scalar_t* s = sim.data_ptr<scalar_t>();
-          for (int64_t k = 0; k < rn; ++k) {
-            const int64_t r = r0 + k;
-            w.fill(P, r, c0, cn);
-            row_grad<scalar_t>(sp, sn, s + k * cn, w, cn, lse_p[r], lse_n[r], gp[r], gn[r], d.data());
-          }
-          grad_rows.narrow(0, r0, rn).addmm_(sim, col_block);
-          my_cols.narrow(0, c0, cn).addmm_(sim.t(), row_block);
+      {
+        RowWeights<scalar_t> w(P, cn);
+        std::vector<scalar_t> d(cn);
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < rn; ++k) {
+          const int64_t r = r0 + k;
+          w.fill(P, r, c0, cn);
+          row_grad<scalar_t>(sp, sn, s + k * cn, w, cn, lse_p[r], lse_n[r], gp[r], gn[r], d.data());
         }
       }
-    }
+      if (same && rn == R && cn == V) {
+        add_transpose(s, R);
+        at::mm_out(grad_rows, sim, rows);
+        return;
+      }
+      grad_rows.narrow(0, r0, rn).addmm_(sim, cols.narrow(0, c0, cn));
+      grad_cols.narrow(0, c0, cn).addmm_(sim.t(), rows.narrow(0, r0, rn));
+    });
   });
-  return {grad_rows, grad_cols.sum(0)};
+  return {grad_rows, same ? at::zeros_like(cols) : grad_cols};
 }
 
 }  // namespace metrix

@@ -1,9 +1,20 @@
 """Backend "cpu": the kernel contract of ``metrix_kernels.backends`` on CPU tensors.
 
 The work is done by the C++/OpenMP extension ``metrix_kernels._cpu`` (csrc/cpu/, built by
-setup.py): similarity tiles by BLAS, pair weights, log-sum-exp and dL/ds per tile in C++, the
-Gram identity for embedding mixup, one pass per (pair, channel) for mixed pooling. Memory beyond
-the inputs: one tile per thread for the pairwise op, S [A, B] and r [B, B] for the Gram op.
+setup.py): similarity blocks by BLAS, pair weights, log-sum-exp and dL/ds per block row in C++,
+the Gram identity for embedding mixup, one pass per (pair, channel) for mixed pooling. Memory
+beyond the inputs: one block of at most 2^18 similarities for the pairwise op; G, r [B, B] and
+S [A, B] (none when the anchors are the embeddings) for the Gram op.
+
+A forward whose inputs require grad leaves its products (the pairwise op's similarities when they
+were one block, the Gram op's G, r, S) to its backward, which would otherwise recompute them: one
+slot per op, taken by a backward on the very same, unmodified input tensors (else it recomputes),
+freed by it or replaced by the next such forward (a forward never followed by backward leaves its
+products there until then).
+
+Where one tensor is both sides of an op (rows is cols; anchors is emb), autograd sees one input
+and only the sum of the two gradients: it is returned whole in the first (pairwise: grad_rows) or
+second (Gram: grad_emb) gradient, the other zero, which saves a product.
 
 Without the extension (no compiler at install, METRIX_NO_EXT=1, a torch it was not built for)
 this module still imports: it logs one warning, ``available()`` is False and the api's
@@ -12,6 +23,7 @@ this module still imports: it logs one warning, ``available()`` is False and the
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Optional
 
 import torch
@@ -57,7 +69,26 @@ def _native(x: torch.Tensor) -> torch.Tensor:
 
 
 def _long(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().to(torch.int64).contiguous()
+    return x if x.dtype == torch.int64 and x.is_contiguous() else x.to(torch.int64).contiguous()
+
+
+# op -> (weak references to the input tensors, their versions, scalars, products): see the module
+# docstring. Weak, so that a forward never followed by backward does not keep its autograd graph.
+_kept: dict = {}
+
+
+def _keep(op: str, inputs: tuple, scalars: tuple, products: list) -> None:
+    if products and any(x.requires_grad for x in inputs):
+        _kept[op] = ([weakref.ref(x) for x in inputs], [x._version for x in inputs], scalars, products)
+
+
+def _take(op: str, inputs: tuple, scalars: tuple) -> list:
+    """The products kept by the forward on these very inputs, or [] (then the kernel recomputes them)."""
+    kept = _kept.pop(op, None)
+    if kept is None or kept[2] != scalars or len(kept[0]) != len(inputs):
+        return []
+    same = all(ref() is x and x._version == v for ref, x, v in zip(kept[0], inputs, kept[1]))
+    return kept[3] if same else []
 
 
 def _pairwise_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index, lam, cfg,
@@ -75,22 +106,26 @@ def pairwise_forward(rows, row_label_i, row_label_j, row_index, cols, col_label_
                      lam: float, cfg: KernelConfig, member_mask=None) -> torch.Tensor:
     args = _pairwise_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
                           lam, cfg, member_mask)
-    return _lib().pairwise_forward(*args)
+    stats, *products = _lib().pairwise_forward(*args)
+    _keep("pairwise", (rows, cols), (), products)
+    return stats
 
 
 def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
                       lam: float, cfg: KernelConfig, stats, grad_pos_sum, grad_neg_sum, member_mask=None):
     args = _pairwise_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
                           lam, cfg, member_mask)
-    grad_rows, grad_cols = _lib().pairwise_backward(*args, stats.detach(), grad_pos_sum.detach(), grad_neg_sum.detach())
+    kept = _take("pairwise", (rows, cols), ())
+    grad_rows, grad_cols = _lib().pairwise_backward(*args, stats.detach(), grad_pos_sum.detach(), grad_neg_sum.detach(),
+                                                    rows is cols, kept[0] if kept else None)
     return grad_rows.to(rows.dtype), grad_cols.to(cols.dtype)
 
 
 def _gram_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
+    # example anchors: the anchor similarities are rows of the Gram matrix (one product less)
+    same = anchors is emb
     dtype = torch.promote_types(_native(anchors).dtype, _native(emb).dtype)
     anchors, emb = _native(anchors).to(dtype), _native(emb).to(dtype)
-    # example anchors: the anchor similarities are rows of the Gram matrix (one product less)
-    same = anchors.shape == emb.shape and torch.equal(anchors, emb)
     return (
         anchors, _long(anchor_label), _long(anchor_index), emb, _long(labels), float(lam), _sigma(cfg.sigma_pos),
         _sigma(cfg.sigma_neg), int(cfg.member), int(cfg.label_mode), same,
@@ -98,14 +133,18 @@ def _gram_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
 
 
 def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam: float, cfg: KernelConfig):
-    return _lib().gram_mixed_forward(*_gram_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg))
+    stats, *products = _lib().gram_mixed_forward(*_gram_args(anchors, anchor_label, anchor_index, emb, labels, lam,
+                                                             cfg))
+    _keep("gram", (anchors, emb, labels), (float(lam),), products)
+    return stats
 
 
 def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam: float, cfg: KernelConfig,
                         stats, grad_pos_sum, grad_neg_sum):
     args = _gram_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
+    kept = _take("gram", (anchors, emb, labels), (float(lam),))
     grad_anchors, grad_emb = _lib().gram_mixed_backward(*args, stats.detach(), grad_pos_sum.detach(),
-                                                        grad_neg_sum.detach())
+                                                        grad_neg_sum.detach(), kept)
     return grad_anchors.to(anchors.dtype), grad_emb.to(emb.dtype)
 
 
