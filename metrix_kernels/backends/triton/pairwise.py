@@ -4,10 +4,11 @@ Forward: one program per row tile walks the column tiles; each similarity tile s
 (accumulated over the width in chunks, common.similarity) is turned into pair weights (labels
 compared in the kernel) and folded into running per-row term statistics (online log-sum-exp for
 exponential sigmas). Nothing of size R x V is stored.
-Backward: one launch, two kinds of programs, each for one chunk of the gradient's width. Row
-programs walk the column tiles and accumulate dS @ cols; column programs walk the row tiles and
-accumulate dS^T @ rows. Both recompute s and the weights and get
-dS = g_pos * dterm_pos/ds + g_neg * dterm_neg/ds from the saved term sums.
+Backward, by chunks of about d rows: a kernel recomputes the chunk's similarity tiles and weights and
+writes dS = g_pos * dterm_pos/ds + g_neg * dterm_neg/ds from the saved term sums; two matrix products
+(cuBLAS) then give the gradients, dS @ cols and dS^T @ rows. The [chunk, V] block is the size of
+the columns themselves, so memory stays O((R + V) d), while the products run at the card's matmul
+rate (a fused backward had to recompute every similarity tile once per gradient-width chunk).
 """
 from __future__ import annotations
 
@@ -23,8 +24,6 @@ from .common import (
     interpretable,
     k_block,
     label_factor,
-    load_chunk,
-    padded_dim,
     pair_weights,
     sigma_codes,
     sigma_dx,
@@ -110,50 +109,33 @@ def _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix
     return ds
 
 
-@triton.jit(do_not_specialize=["R", "V"])
-def _backward(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, stats, g_pos, g_neg, grad_rows, grad_cols,
-              R, V, D, label_lam, p_scale, p_shift, n_scale, n_shift,
-              P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
-              MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, MIXED_ROWS: tl.constexpr, HAS_MASK: tl.constexpr,
-              PRECISION: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr):
-    """Program (tile, chunk): the gradient of one row (or column) tile in output columns chunk*BO.."""
-    pid = tl.program_id(0)
-    row_tiles = tl.cdiv(R, BR)
-    offs_o = tl.program_id(1) * BO + tl.arange(0, BO)
-    if pid < row_tiles:
-        offs_r = pid * BR + tl.arange(0, BR)
-        acc = tl.zeros([BR, BO], dtype=tl.float32)
-        for v0 in range(0, V, BV):
-            offs_v = v0 + tl.arange(0, BV)
-            ds = _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, stats,
-                            g_pos, g_neg, R, V, label_lam, p_scale, p_shift, n_scale, n_shift, P_FORM, P_OF, N_FORM,
-                            N_OF, MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK, PRECISION, BR, BV, BK)
-            x_c = load_chunk(cols, offs_v, V, offs_o, D)
-            acc = tl.dot(ds.to(x_c.dtype), x_c, acc, input_precision=PRECISION)
-        tl.store(grad_rows + offs_r[:, None] * D + offs_o[None, :], acc,
-                 mask=(offs_r[:, None] < R) & (offs_o[None, :] < D))
-    else:
-        offs_v = (pid - row_tiles) * BV + tl.arange(0, BV)
-        acc = tl.zeros([BV, BO], dtype=tl.float32)
-        for r0 in range(0, R, BR):
-            offs_r = r0 + tl.arange(0, BR)
-            ds = _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, stats,
-                            g_pos, g_neg, R, V, label_lam, p_scale, p_shift, n_scale, n_shift, P_FORM, P_OF, N_FORM,
-                            N_OF, MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK, PRECISION, BR, BV, BK)
-            x_r = load_chunk(rows, offs_r, R, offs_o, D)
-            acc = tl.dot(tl.trans(ds).to(x_r.dtype), x_r, acc, input_precision=PRECISION)
-        tl.store(grad_cols + offs_v[:, None] * D + offs_o[None, :], acc,
-                 mask=(offs_v[:, None] < V) & (offs_o[None, :] < D))
+@triton.jit(do_not_specialize=["R", "V", "r0", "r1"])
+def _grad_s(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, stats, g_pos, g_neg, ds_out, r0, r1,
+            R, V, D, label_lam, p_scale, p_shift, n_scale, n_shift,
+            P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
+            MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, MIXED_ROWS: tl.constexpr, HAS_MASK: tl.constexpr,
+            PRECISION: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """dLoss/ds of rows r0..r1 x all columns, one [BR, BV] tile per program, into ds_out [r1 - r0, V]."""
+    offs_r = r0 + tl.program_id(0) * BR + tl.arange(0, BR)
+    offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    ds = _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, stats, g_pos, g_neg,
+                    R, V, label_lam, p_scale, p_shift, n_scale, n_shift, P_FORM, P_OF, N_FORM, N_OF, MEMBER,
+                    NEGATIVE, MIXED_ROWS, HAS_MASK, PRECISION, BR, BV, BK)
+    tl.store(ds_out + (offs_r - r0)[:, None] * V + offs_v[None, :], ds,
+             mask=(offs_r < r1)[:, None] & (offs_v < V)[None, :])
 
 
-def _blocks(d: int, dtype) -> tuple[int, int, int, int]:
-    """(row tile, column tile, width chunk of the products, width chunk of the gradients).
+def _blocks(d: int, dtype) -> tuple[int, int, int]:
+    """(row tile, column tile, width chunk of the products)."""
+    if INTERPRET:  # small tiles, so that small test batches span several tiles
+        return MIN_BLOCK, MIN_BLOCK, k_block(d, dtype)
+    return 64, 64, k_block(d, dtype)
 
-    The backward grid splits the gradient's width into chunks of at most 128 columns, so that its
-    [64, 128] accumulator stays in registers; each chunk recomputes the similarity tiles."""
-    if INTERPRET:  # small tiles, so that small test batches span several tiles and chunks
-        return MIN_BLOCK, MIN_BLOCK, k_block(d, dtype), min(padded_dim(d), 2 * MIN_BLOCK)
-    return 64, 64, k_block(d, dtype), min(padded_dim(d), 128)
+
+def _chunk_rows(d: int, br: int) -> int:
+    """Rows per backward chunk: the [chunk, V] dLoss/ds block is then no larger than the [V, d] columns,
+    so the backward's memory stays O((R + V) d)."""
+    return br if INTERPRET else triton.cdiv(max(d, br), br) * br
 
 
 def _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
@@ -179,25 +161,37 @@ def pairwise_forward(rows, row_label_i, row_label_j, row_index, cols, col_label_
         return stats
     tensors, scalars, consts = _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i,
                                             col_label_j, col_index, member_mask, lam, cfg)
-    br, bv, bk, _ = _blocks(d, rows.dtype)
+    br, bv, bk = _blocks(d, rows.dtype)
     _forward[(triton.cdiv(r, br),)](*tensors, stats, r, v, d, *scalars, **consts, BR=br, BV=bv, BK=bk, num_warps=4)
     return stats
 
 
 def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
                       lam, cfg, stats, grad_pos_sum, grad_neg_sum, member_mask=None):
+    """Chunks of rows: a kernel recomputes the chunk's similarity tiles and writes dLoss/ds, then two
+    matrix products (torch, i.e. cuBLAS) turn it into the gradients: dS @ cols for the chunk's rows
+    and dS^T @ rows added to the columns' gradient."""
     dtype = rows.dtype
     rows, cols = interpretable(rows), interpretable(cols)
     r, d = rows.shape
     v = cols.shape[0]
-    grad_rows = torch.empty_like(rows)
-    grad_cols = torch.empty_like(cols)
+    grad_rows = torch.zeros(r, d, device=rows.device, dtype=torch.float32)
+    grad_cols = torch.zeros(v, d, device=rows.device, dtype=torch.float32)
     if r == 0 or v == 0:
-        return grad_rows.zero_(), grad_cols.zero_()
+        return grad_rows.to(dtype), grad_cols.to(dtype)
     tensors, scalars, consts = _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i,
                                             col_label_j, col_index, member_mask, lam, cfg)
-    br, bv, bk, bo = _blocks(d, rows.dtype)
-    grid = (triton.cdiv(r, br) + triton.cdiv(v, bv), triton.cdiv(d, bo))
-    _backward[grid](*tensors, stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous(), grad_rows, grad_cols,
-                    r, v, d, *scalars, **consts, BR=br, BV=bv, BK=bk, BO=bo, num_warps=8)
+    br, bv, bk = _blocks(d, rows.dtype)
+    chunk = min(_chunk_rows(d, br), r)
+    ds = torch.empty(chunk, v, device=rows.device, dtype=torch.float32)
+    rows32, cols32 = rows.float(), cols.float()
+    g_pos, g_neg = grad_pos_sum.contiguous(), grad_neg_sum.contiguous()
+    for r0 in range(0, r, chunk):
+        r1 = min(r0 + chunk, r)
+        _grad_s[(triton.cdiv(r1 - r0, br), triton.cdiv(v, bv))](
+            *tensors, stats, g_pos, g_neg, ds, r0, r1, r, v, d, *scalars, **consts, BR=br, BV=bv, BK=bk,
+            num_warps=4)
+        block = ds[: r1 - r0]
+        torch.mm(block, cols32, out=grad_rows[r0:r1])
+        grad_cols.addmm_(block.T, rows32[r0:r1])
     return grad_rows.to(dtype), grad_cols.to(dtype)
