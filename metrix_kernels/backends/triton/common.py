@@ -76,13 +76,6 @@ def similarity(a_ptr, offs_a, n_a, b_ptr, offs_b, n_b, D, BA: tl.constexpr, BB: 
 
 
 @triton.jit
-def load_chunk(ptr, offs, n, offs_o, D):
-    """Rows offs, columns offs_o of a [n, D] matrix (zeros outside)."""
-    return tl.load(ptr + offs[:, None] * D + offs_o[None, :], mask=(offs < n)[:, None] & (offs_o < D)[None, :],
-                   other=0.0)
-
-
-@triton.jit
 def row_sum(t, THREE_D: tl.constexpr):
     if THREE_D:
         return tl.sum(tl.sum(t, axis=2), axis=1)

@@ -2,22 +2,25 @@
 
 For unit e_i, e_j the anchor-to-mix similarity is (SPEC 1.3)
     s(a, ij) = (lam <a, e_i> + (1 - lam) <a, e_j>) / n_ij,  n_ij = sqrt(lam^2 + (1-lam)^2 + 2 lam (1-lam) <e_i, e_j>)
-so a program holds an anchor tile, walks i tiles and, inside, j tiles: three similarity tiles
-(<a, e_i>, <a, e_j>, <e_i, e_j>, each accumulated over the width in chunks) combined elementwise into an [anchor, i, j] block, then folded into
-the per-anchor term statistics. No mixed embedding and no B x B or B x B^2 tensor exists.
-Membership lets whole (anchor tile, i tile) blocks be skipped: pos-neg / pos-pos need an i of the
-anchor's class, anc-neg needs i = a. Unordered pair sets (pos-pos, neg-neg) walk j >= i only.
+so a forward program holds an anchor tile, walks i tiles and, inside, j tiles: three similarity tiles
+(<a, e_i>, <a, e_j>, <e_i, e_j>, each accumulated over the width in chunks) combined elementwise into
+an [anchor, i, j] block, then folded into the per-anchor term statistics. No mixed embedding and no
+B x B^2 tensor exists. Membership lets whole (anchor tile, i tile) blocks be skipped: pos-neg /
+pos-pos need an i of the anchor's class, anc-neg needs i = a. Unordered pair sets (pos-pos,
+neg-neg) walk j >= i only.
 
-Backward, one launch with two kinds of programs (different reduction orders), each for one chunk of
-the gradient's width:
-  anchor programs (loops i, j):  grad_a = sum_ij g/n (lam e_i + (1-lam) e_j)
-  embedding programs, for their tile x: once as i (loops a, j), once as j (loops a, i):
-      grad_x += sum g/n * lam * a  + sum_a g * ds/d<e_i,e_j> * e_j   (x as i; symmetric as j)
-with g = dLoss/ds(a, ij) recomputed from the saved per-anchor term sums.
+Backward, with g = dLoss/ds(a, ij) recomputed from the saved per-anchor term sums: the loss depends
+on the embeddings only through P = <a, e_t> and G = <e_i, e_j>, so
+    grad_a = dP @ E,   grad_E = dP^T @ A + dG @ E + dG^T @ E.
+Two kernels write dP and dG by chunks of about d rows (each chunk is then no larger than the
+embeddings); cuBLAS products fold each chunk into the gradients. One program per [16, 16] tile of dP
+sums over the pairs its embedding t is part of (as i: all j; as j: the anchor's i), one per tile of
+dG over the anchors that mix its i (a range per i tile, from the anchors' class grouping).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -27,7 +30,6 @@ from .common import (
     dot_precision,
     interpretable,
     label_factor,
-    load_chunk,
     padded_dim,
     pair_weights,
     sigma_codes,
@@ -151,109 +153,93 @@ def _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA):
     return in_a, z, idx, p_val, n_val, gp, gn
 
 
-@triton.jit(do_not_specialize=["NA", "B"])
-def _backward(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_neg, grad_anchors, grad_emb,
-              NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
-              P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
-              MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr,
-              BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr):
-    """Program (tile, chunk): the gradient of one anchor (or embedding) tile in output columns chunk*BO.."""
-    pid = tl.program_id(0)
-    anchor_tiles = tl.cdiv(NA, BA)
-    offs_o = tl.program_id(1) * BO + tl.arange(0, BO)
-    if pid < anchor_tiles:
-        offs_a = pid * BA + tl.arange(0, BA)
-        in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA)
-        acc = tl.zeros([BA, BO], dtype=tl.float32)
-        i_lo, i_hi = _i_range(idx, in_a, B, MEMBER)
-        for i0 in range(i_lo, i_hi, BE):
-            offs_i = i0 + tl.arange(0, BE)
-            in_i = offs_i < B
-            li = tl.load(labels + offs_i, mask=in_i, other=-2)
-            if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-                s_ai = similarity(anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION)
-                c_ai = tl.zeros([BA, BE], dtype=tl.float32)
-                j_lo = i0 if (MEMBER == 4 or MEMBER == 5) else 0
-                for j0 in range(j_lo, B, BE):
-                    offs_j = j0 + tl.arange(0, BE)
-                    in_j = offs_j < B
-                    lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-                    s_aj = similarity(anchors, offs_a, NA, emb, offs_j, B, D, BA, BE, BK, PRECISION)
-                    s_ij = similarity(emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
-                    over_n, d_ij = _mixed_grad(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i, in_j,
-                                               lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
-                                               P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
-                    c_ai += lam * tl.sum(over_n, axis=2)
-                    c_aj = (1.0 - lam) * tl.sum(over_n, axis=1)
-                    x_j = load_chunk(emb, offs_j, B, offs_o, D)
-                    acc = tl.dot(c_aj.to(x_j.dtype), x_j, acc, input_precision=PRECISION)
-                x_i = load_chunk(emb, offs_i, B, offs_o, D)
-                acc = tl.dot(c_ai.to(x_i.dtype), x_i, acc, input_precision=PRECISION)
-        tl.store(grad_anchors + offs_a[:, None] * D + offs_o[None, :], acc,
-                 mask=in_a[:, None] & (offs_o[None, :] < D))
-    else:
-        x0 = (pid - anchor_tiles) * BE
-        offs_x = x0 + tl.arange(0, BE)
-        in_x = offs_x < B
-        lx = tl.load(labels + offs_x, mask=in_x, other=-2)
-        acc = tl.zeros([BE, BO], dtype=tl.float32)
-        mix = lam * (1.0 - lam)
-        for a0 in range(0, NA, BA):
-            offs_a = a0 + tl.arange(0, BA)
+@triton.jit(do_not_specialize=["NA", "B", "a0", "a1"])
+def _grad_p(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_neg, dp_out, a0, a1,
+            NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
+            P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
+            MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr,
+            BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    """dLoss/d<a, e_t> for anchors a0..a1 x embeddings t, one [BA, BE] tile per program, into dp_out:
+    t as the first member of pairs (t, j), weight lam, and as the second of pairs (i, t), 1 - lam."""
+    offs_a = a0 + tl.program_id(0) * BA + tl.arange(0, BA)
+    t0 = tl.program_id(1) * BE
+    offs_t = t0 + tl.arange(0, BE)
+    in_t = offs_t < B
+    lt = tl.load(labels + offs_t, mask=in_t, other=-2)
+    in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA)
+    in_a = in_a & (offs_a < a1)
+    acc = tl.zeros([BA, BE], dtype=tl.float32)
+    s_at = similarity(anchors, offs_a, a1, emb, offs_t, B, D, BA, BE, BK, PRECISION)
+    if _live(z, idx, lt, offs_t, in_a, in_t, MEMBER):
+        j_lo = t0 if (MEMBER == 4 or MEMBER == 5) else 0
+        for j0 in range(j_lo, B, BE):
+            offs_j = j0 + tl.arange(0, BE)
+            in_j = offs_j < B
+            lj = tl.load(labels + offs_j, mask=in_j, other=-2)
+            s_aj = similarity(anchors, offs_a, a1, emb, offs_j, B, D, BA, BE, BK, PRECISION)
+            s_tj = similarity(emb, offs_t, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
+            over_n, d_ij = _mixed_grad(s_at, s_aj, s_tj, z, idx, lt, lj, offs_t, offs_j, in_a, in_t, in_j,
+                                       lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
+                                       P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
+            acc += lam * tl.sum(over_n, axis=2)
+    i_lo, i_hi = _i_range(idx, in_a, B, MEMBER)
+    if MEMBER == 4 or MEMBER == 5:
+        i_hi = tl.minimum(i_hi, t0 + BE)
+    for i0 in range(i_lo, i_hi, BE):
+        offs_i = i0 + tl.arange(0, BE)
+        in_i = offs_i < B
+        li = tl.load(labels + offs_i, mask=in_i, other=-2)
+        if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
+            s_ai = similarity(anchors, offs_a, a1, emb, offs_i, B, D, BA, BE, BK, PRECISION)
+            s_it = similarity(emb, offs_i, B, emb, offs_t, B, D, BE, BE, BK, PRECISION)
+            over_n, d_ij = _mixed_grad(s_ai, s_at, s_it, z, idx, li, lt, offs_i, offs_t, in_a, in_i, in_t,
+                                       lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
+                                       P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
+            acc += (1.0 - lam) * tl.sum(over_n, axis=1)
+    tl.store(dp_out + (offs_a - a0)[:, None] * B + offs_t[None, :], acc, mask=in_a[:, None] & in_t[None, :])
+
+
+@triton.jit(do_not_specialize=["NA", "B", "i0", "i1"])
+def _grad_g(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_neg, anchor_ranges, dg_out, i0, i1,
+            NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
+            P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
+            MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr,
+            BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    """dLoss/d<e_i, e_j> for i in i0..i1 x all j, one [BE, BE] tile per program, into dg_out; the anchors
+    walked are those of the i tile's range in anchor_ranges [2, i tiles]."""
+    tile = i0 // BE + tl.program_id(0)
+    offs_i = tile * BE + tl.arange(0, BE)
+    j0 = tl.program_id(1) * BE
+    offs_j = j0 + tl.arange(0, BE)
+    in_i = offs_i < i1
+    in_j = offs_j < B
+    acc = tl.zeros([BE, BE], dtype=tl.float32)
+    if (MEMBER != 4 and MEMBER != 5) | (j0 + BE > tile * BE):  # unordered pairs need i < j
+        li = tl.load(labels + offs_i, mask=in_i, other=-2)
+        lj = tl.load(labels + offs_j, mask=in_j, other=-2)
+        s_ij = similarity(emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
+        a_lo = tl.load(anchor_ranges + tile)
+        a_hi = tl.load(anchor_ranges + tl.cdiv(B, BE) + tile)
+        for a_start in range(a_lo, a_hi, BA):
+            offs_a = a_start + tl.arange(0, BA)
             in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg,
                                                                offs_a, NA)
-            s_ax = similarity(anchors, offs_a, NA, emb, offs_x, B, D, BA, BE, BK, PRECISION)
-            # x as the first member i of the pairs
-            if _live(z, idx, lx, offs_x, in_a, in_x, MEMBER):
-                c_ai = tl.zeros([BA, BE], dtype=tl.float32)
-                j_lo = x0 if (MEMBER == 4 or MEMBER == 5) else 0
-                for j0 in range(j_lo, B, BE):
-                    offs_j = j0 + tl.arange(0, BE)
-                    in_j = offs_j < B
-                    lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-                    s_aj = similarity(anchors, offs_a, NA, emb, offs_j, B, D, BA, BE, BK, PRECISION)
-                    s_xj = similarity(emb, offs_x, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
-                    over_n, d_ij = _mixed_grad(s_ax, s_aj, s_xj, z, idx, lx, lj, offs_x, offs_j, in_a, in_x, in_j,
-                                               lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
-                                               P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
-                    c_ai += lam * tl.sum(over_n, axis=2)
-                    c_ij = mix * tl.sum(d_ij, axis=0)
-                    x_j = load_chunk(emb, offs_j, B, offs_o, D)
-                    acc = tl.dot(c_ij.to(x_j.dtype), x_j, acc, input_precision=PRECISION)
-                x_a = load_chunk(anchors, offs_a, NA, offs_o, D)
-                acc = tl.dot(tl.trans(c_ai).to(x_a.dtype), x_a, acc, input_precision=PRECISION)
-            # x as the second member j of the pairs
-            c_aj = tl.zeros([BA, BE], dtype=tl.float32)
-            i_lo, i_hi = _i_range(idx, in_a, B, MEMBER)
-            if MEMBER == 4 or MEMBER == 5:
-                i_hi = tl.minimum(i_hi, x0 + BE)
-            for i0 in range(i_lo, i_hi, BE):
-                offs_i = i0 + tl.arange(0, BE)
-                in_i = offs_i < B
-                li = tl.load(labels + offs_i, mask=in_i, other=-2)
-                if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-                    s_ai = similarity(anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION)
-                    s_ix = similarity(emb, offs_i, B, emb, offs_x, B, D, BE, BE, BK, PRECISION)
-                    over_n, d_ij = _mixed_grad(s_ai, s_ax, s_ix, z, idx, li, lx, offs_i, offs_x, in_a, in_i, in_x,
-                                               lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
-                                               P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
-                    c_aj += (1.0 - lam) * tl.sum(over_n, axis=1)
-                    c_ij = mix * tl.sum(d_ij, axis=0)
-                    x_i = load_chunk(emb, offs_i, B, offs_o, D)
-                    acc = tl.dot(tl.trans(c_ij).to(x_i.dtype), x_i, acc, input_precision=PRECISION)
-            x_a = load_chunk(anchors, offs_a, NA, offs_o, D)
-            acc = tl.dot(tl.trans(c_aj).to(x_a.dtype), x_a, acc, input_precision=PRECISION)
-        tl.store(grad_emb + offs_x[:, None] * D + offs_o[None, :], acc, mask=in_x[:, None] & (offs_o[None, :] < D))
+            if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
+                s_ai = similarity(anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION)
+                s_aj = similarity(anchors, offs_a, NA, emb, offs_j, B, D, BA, BE, BK, PRECISION)
+                over_n, d_ij = _mixed_grad(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i, in_j,
+                                           lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
+                                           P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
+                acc += lam * (1.0 - lam) * tl.sum(d_ij, axis=0)
+    tl.store(dg_out + (offs_i - i0)[:, None] * B + offs_j[None, :], acc, mask=in_i[:, None] & in_j[None, :])
 
 
-def _blocks(d: int) -> tuple[int, int, int, int]:
-    """(anchor tile, embedding tile, width chunk of the products, width chunk of the gradients): the
-    [A, I, J] blocks bound the tiles to 16, so a product step reads [16, 128] operands (8 KiB in
-    float32); a [16, 512] gradient accumulator still fits the registers of 8 warps, so up to d = 512
-    the backward computes each similarity tile once."""
-    if INTERPRET:  # several chunks even at the tests' small d
-        return 16, 16, 16, min(padded_dim(d), 32)
-    return 16, 16, min(padded_dim(d), 128), min(padded_dim(d), 512)
+def _blocks(d: int) -> tuple[int, int, int]:
+    """(anchor tile, embedding tile, width chunk of the products): the [A, I, J] blocks bound the tiles
+    to 16, so a product step reads [16, 128] operands (8 KiB in float32)."""
+    if INTERPRET:
+        return 16, 16, 16
+    return 16, 16, min(padded_dim(d), 128)
 
 
 def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
@@ -274,25 +260,74 @@ def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cf
     if na == 0:
         return stats
     tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
-    ba, be, bk, _ = _blocks(d)
+    ba, be, bk = _blocks(d)
     _forward[(triton.cdiv(na, ba),)](*tensors, stats, na, emb.shape[0], d, *scalars, **consts, BA=ba, BE=be, BK=bk,
                                      num_warps=4)
     return stats
 
 
+def _chunk_rows(d: int) -> int:
+    """Rows per backward chunk: a [chunk, B] block of derivatives is then no larger than the [B, d]
+    embeddings, so the backward's memory stays O((A + B) d)."""
+    return 16 if INTERPRET else triton.cdiv(max(d, 16), 16) * 16
+
+
+def _anchor_ranges(anchor_label, anchor_index, labels, member, be):
+    """[2, i tiles] int32: the anchor positions [lo, hi) that can mix with each tile of i. Anchors grouped
+    by class (the ops layer sorts pos-neg / anc-neg batches; proxies are in class order) let pos-neg and
+    pos-pos keep the anchors whose label lies in the tile's label range, and anc-neg the anchors whose
+    index lies in the tile; otherwise (unsorted anchors, neg-neg) every anchor. No host sync."""
+    na, b = anchor_label.shape[0], labels.shape[0]
+    tiles = triton.cdiv(b, be)
+    full = torch.tensor([[0], [na]], device=labels.device, dtype=torch.int64).expand(2, tiles)
+    if member == MEMBER_NEG_NEG or na == 0:
+        return full.to(torch.int32).contiguous()
+    if member == MEMBER_ANC_NEG:
+        keys, first = anchor_index, torch.arange(b, device=labels.device)
+    else:
+        keys, first = anchor_label, labels
+    keys, first = keys.to(torch.int64).contiguous(), first.to(torch.int64)
+    pad = tiles * be - b
+    lo = F.pad(first, (0, pad), value=2**62).view(tiles, be).amin(1)
+    hi = F.pad(first, (0, pad), value=-(2**62)).view(tiles, be).amax(1)
+    ranges = torch.stack([torch.searchsorted(keys, lo), torch.searchsorted(keys, hi, right=True)])
+    grouped = (keys[1:] >= keys[:-1]).all()
+    return torch.where(grouped, ranges, full).to(torch.int32).contiguous()
+
+
 def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, stats, grad_pos_sum,
                         grad_neg_sum):
+    """Two kernels write, by chunks of rows, dLoss/d<a, e_t> (anchors x embeddings) and
+    dLoss/d<e_i, e_j> (embeddings x embeddings); matrix products (cuBLAS) turn each chunk into its
+    share of the gradients."""
     dtype = anchors.dtype
     anchors, emb = interpretable(anchors), interpretable(emb)
     na, d = anchors.shape
     b = emb.shape[0]
-    grad_anchors = torch.empty_like(anchors)
-    grad_emb = torch.empty_like(emb)
+    grad_anchors = torch.zeros(na, d, device=anchors.device, dtype=torch.float32)
+    grad_emb = torch.zeros(b, d, device=anchors.device, dtype=torch.float32)
     if na == 0 or b == 0:
-        return grad_anchors.zero_(), grad_emb.zero_()
+        return grad_anchors.to(dtype), grad_emb.to(dtype)
     tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
-    ba, be, bk, bo = _blocks(d)
-    grid = (triton.cdiv(na, ba) + triton.cdiv(b, be), triton.cdiv(d, bo))
-    _backward[grid](*tensors, stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous(), grad_anchors, grad_emb,
-                    na, b, d, *scalars, **consts, BA=ba, BE=be, BK=bk, BO=bo, num_warps=8)
+    ba, be, bk = _blocks(d)
+    grads = (stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous())
+    a32, e32 = anchors.float(), emb.float()
+    chunk = _chunk_rows(d)
+    block = torch.empty(min(chunk, max(na, b)), b, device=anchors.device, dtype=torch.float32)
+    for a0 in range(0, na, chunk):
+        a1 = min(a0 + chunk, na)
+        _grad_p[(triton.cdiv(a1 - a0, ba), triton.cdiv(b, be))](
+            *tensors, *grads, block, a0, a1, na, b, d, *scalars, **consts, BA=ba, BE=be, BK=bk, num_warps=4)
+        dp = block[: a1 - a0]
+        torch.mm(dp, e32, out=grad_anchors[a0:a1])
+        grad_emb.addmm_(dp.T, a32[a0:a1])
+    ranges = _anchor_ranges(anchor_label, anchor_index, labels, cfg.member, be)
+    for i0 in range(0, b, chunk):
+        i1 = min(i0 + chunk, b)
+        _grad_g[(triton.cdiv(i1 - i0, be), triton.cdiv(b, be))](
+            *tensors, *grads, ranges, block, i0, i1, na, b, d, *scalars, **consts, BA=ba, BE=be, BK=bk,
+            num_warps=4)
+        dg = block[: i1 - i0]
+        grad_emb[i0:i1].addmm_(dg, e32)
+        grad_emb.addmm_(dg.T, e32[i0:i1])
     return grad_anchors.to(dtype), grad_emb.to(dtype)
