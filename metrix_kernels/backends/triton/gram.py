@@ -203,10 +203,10 @@ def _grad_p(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_ne
 def _grad_g(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_neg, anchor_ranges, dg_out, i0, i1,
             NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
             P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
-            MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr,
+            MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, RANGES: tl.constexpr,
             BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
     """dLoss/d<e_i, e_j> for i in i0..i1 x all j, one [BE, BE] tile per program, into dg_out; the anchors
-    walked are those of the i tile's range in anchor_ranges [2, i tiles]."""
+    walked are those of the i tile's range in anchor_ranges [2, i tiles] if RANGES, else all."""
     tile = i0 // BE + tl.program_id(0)
     offs_i = tile * BE + tl.arange(0, BE)
     j0 = tl.program_id(1) * BE
@@ -218,8 +218,11 @@ def _grad_g(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_ne
         li = tl.load(labels + offs_i, mask=in_i, other=-2)
         lj = tl.load(labels + offs_j, mask=in_j, other=-2)
         s_ij = similarity(emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
-        a_lo = tl.load(anchor_ranges + tile)
-        a_hi = tl.load(anchor_ranges + tl.cdiv(B, BE) + tile)
+        a_lo = 0
+        a_hi = NA
+        if RANGES:
+            a_lo = tl.load(anchor_ranges + tile)
+            a_hi = tl.load(anchor_ranges + tl.cdiv(B, BE) + tile)
         for a_start in range(a_lo, a_hi, BA):
             offs_a = a_start + tl.arange(0, BA)
             in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg,
@@ -276,12 +279,9 @@ def _anchor_ranges(anchor_label, anchor_index, labels, member, be):
     """[2, i tiles] int32: the anchor positions [lo, hi) that can mix with each tile of i. Anchors grouped
     by class (the ops layer sorts pos-neg / anc-neg batches; proxies are in class order) let pos-neg and
     pos-pos keep the anchors whose label lies in the tile's label range, and anc-neg the anchors whose
-    index lies in the tile; otherwise (unsorted anchors, neg-neg) every anchor. No host sync."""
+    index lies in the tile; ungrouped anchors keep them all. No host sync."""
     na, b = anchor_label.shape[0], labels.shape[0]
     tiles = triton.cdiv(b, be)
-    full = torch.tensor([[0], [na]], device=labels.device, dtype=torch.int64).expand(2, tiles)
-    if member == MEMBER_NEG_NEG or na == 0:
-        return full.to(torch.int32).contiguous()
     if member == MEMBER_ANC_NEG:
         keys, first = anchor_index, torch.arange(b, device=labels.device)
     else:
@@ -291,6 +291,7 @@ def _anchor_ranges(anchor_label, anchor_index, labels, member, be):
     lo = F.pad(first, (0, pad), value=2**62).view(tiles, be).amin(1)
     hi = F.pad(first, (0, pad), value=-(2**62)).view(tiles, be).amax(1)
     ranges = torch.stack([torch.searchsorted(keys, lo), torch.searchsorted(keys, hi, right=True)])
+    full = torch.stack([torch.zeros_like(lo), torch.full_like(lo, na)])
     grouped = (keys[1:] >= keys[:-1]).all()
     return torch.where(grouped, ranges, full).to(torch.int32).contiguous()
 
@@ -304,10 +305,10 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
     anchors, emb = interpretable(anchors), interpretable(emb)
     na, d = anchors.shape
     b = emb.shape[0]
-    grad_anchors = torch.zeros(na, d, device=anchors.device, dtype=torch.float32)
-    grad_emb = torch.zeros(b, d, device=anchors.device, dtype=torch.float32)
     if na == 0 or b == 0:
-        return grad_anchors.to(dtype), grad_emb.to(dtype)
+        return torch.zeros_like(anchors, dtype=dtype), torch.zeros_like(emb, dtype=dtype)
+    grad_anchors = torch.empty(na, d, device=anchors.device, dtype=torch.float32)  # written chunk by chunk
+    grad_emb = torch.zeros(b, d, device=anchors.device, dtype=torch.float32)
     tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
     ba, be, bk = _blocks(d)
     grads = (stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous())
@@ -321,12 +322,14 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
         dp = block[: a1 - a0]
         torch.mm(dp, e32, out=grad_anchors[a0:a1])
         grad_emb.addmm_(dp.T, a32[a0:a1])
-    ranges = _anchor_ranges(anchor_label, anchor_index, labels, cfg.member, be)
+    # walking every anchor tile per dG tile is cheap for small batches; past that, ranges pay off
+    use_ranges = cfg.member != MEMBER_NEG_NEG and triton.cdiv(na, ba) > (1 if INTERPRET else 64)
+    ranges = _anchor_ranges(anchor_label, anchor_index, labels, cfg.member, be) if use_ranges else labels
     for i0 in range(0, b, chunk):
         i1 = min(i0 + chunk, b)
         _grad_g[(triton.cdiv(i1 - i0, be), triton.cdiv(b, be))](
-            *tensors, *grads, ranges, block, i0, i1, na, b, d, *scalars, **consts, BA=ba, BE=be, BK=bk,
-            num_warps=4)
+            *tensors, *grads, ranges, block, i0, i1, na, b, d, *scalars, **consts, RANGES=use_ranges, BA=ba, BE=be,
+            BK=bk, num_warps=4)
         dg = block[: i1 - i0]
         grad_emb[i0:i1].addmm_(dg, e32)
         grad_emb.addmm_(dg.T, e32[i0:i1])

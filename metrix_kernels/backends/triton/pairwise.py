@@ -175,10 +175,10 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
     rows, cols = interpretable(rows), interpretable(cols)
     r, d = rows.shape
     v = cols.shape[0]
-    grad_rows = torch.zeros(r, d, device=rows.device, dtype=torch.float32)
-    grad_cols = torch.zeros(v, d, device=rows.device, dtype=torch.float32)
     if r == 0 or v == 0:
-        return grad_rows.to(dtype), grad_cols.to(dtype)
+        return torch.zeros_like(rows, dtype=dtype), torch.zeros_like(cols, dtype=dtype)
+    grad_rows = torch.empty(r, d, device=rows.device, dtype=torch.float32)  # written chunk by chunk
+    grad_cols = torch.zeros(v, d, device=rows.device, dtype=torch.float32)
     tensors, scalars, consts = _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i,
                                             col_label_j, col_index, member_mask, lam, cfg)
     br, bv, bk = _blocks(d, rows.dtype)
