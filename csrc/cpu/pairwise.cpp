@@ -19,11 +19,11 @@ struct Pairs {
   const int64_t *rli, *rlj, *ridx, *cli, *clj, *cidx;
   const bool* mask;  // explicit [R, V] membership or null
   int64_t V;
-  int member;
   bool mixed_rows;
+  bool member[8];         // the rule's membership by [label_i == z] * 4 + [label_j == z] * 2 + [i == a]
   Weight pos[5], neg[5];  // by [label_i == z] * 2 + [label_j == z]; 4: not a member
 
-  // Which of pos / neg applies to pair (r, c).
+  // Which of pos / neg applies to pair (r, c); branch-free, so that a row's loop is cheap.
   int code(int64_t r, int64_t c) const {
     int64_t li, lj, i, z, a;
     if (mixed_rows) {
@@ -31,42 +31,57 @@ struct Pairs {
     } else {
       li = cli[c], lj = clj[c], i = cidx[c], z = rli[r], a = ridx[r];
     }
-    const bool pi = li == z, pj = lj == z;
-    return (mask ? mask[r * V + c] : rule_member(member, pi, pj, i == a)) ? pi * 2 + pj : 4;
+    const int pi = li == z, pj = lj == z;
+    const bool in = mask ? mask[r * V + c] : member[pi * 4 + pj * 2 + (i == a)];
+    return in ? pi * 2 + pj : 4;
   }
 };
 
-// The weights of one block row, per term: linear, log, and their mass.
+// The member pairs of one block row, compacted: their columns, similarities and weights per term
+// (linear and log), and the row's mass. Mixed columns are mostly not members of a given row
+// (pos-neg: about one in the number of classes; anc-neg: one in the batch size), and the
+// exponentials then run over the members only.
 template <typename T>
-struct RowWeights {
-  std::vector<T> wp, lwp, wn, lwn;
+struct RowPairs {
+  std::vector<int64_t> col;
+  std::vector<int8_t> code;
+  std::vector<T> s, wp, lwp, wn, lwn;
+  int64_t n = 0;
   double mass_p = 0.0, mass_n = 0.0;
   T tab[4][5];  // wp, lwp, wn, lwn by pair code
 
-  RowWeights(const Pairs& P, int64_t n) : wp(n), lwp(n), wn(n), lwn(n) {
+  RowPairs(const Pairs& P, int64_t cols) : col(cols), code(cols), s(cols), wp(cols), lwp(cols), wn(cols), lwn(cols) {
     for (int k = 0; k < 5; ++k)
       tab[0][k] = T(P.pos[k].w), tab[1][k] = T(P.pos[k].lw), tab[2][k] = T(P.neg[k].w), tab[3][k] = T(P.neg[k].lw);
   }
 
-  void fill(const Pairs& P, int64_t r, int64_t c0, int64_t cn) {
-    double mp = 0.0, mn = 0.0;
-    for (int64_t k = 0; k < cn; ++k) {
+  void fill(const Pairs& P, int64_t r, int64_t c0, int64_t cn, const T* sim) {
+    n = 0;
+    for (int64_t k = 0; k < cn; ++k) {  // branch-free compaction
       const int x = P.code(r, c0 + k);
-      wp[k] = tab[0][x], lwp[k] = tab[1][x], wn[k] = tab[2][x], lwn[k] = tab[3][x];
+      col[n] = k, code[n] = static_cast<int8_t>(x);
+      n += x != 4;
+    }
+    double mp = 0.0, mn = 0.0;
+#pragma omp simd reduction(+ : mp, mn)
+    for (int64_t m = 0; m < n; ++m) {
+      const int x = code[m];
+      s[m] = sim[col[m]], wp[m] = tab[0][x], lwp[m] = tab[1][x], wn[m] = tab[2][x], lwn[m] = tab[3][x];
       mp += P.pos[x].w, mn += P.neg[x].w;
     }
     mass_p = mp, mass_n = mn;
   }
 };
 
-// dL/ds of one block row, written over the similarities (d: scratch of the row's length).
+// dL/ds of one block row from its member pairs, written over the row's similarities (d: scratch).
 template <typename T>
-void row_grad(const Sigma& sp, const Sigma& sn, T* s, const RowWeights<T>& w, int64_t n, T lse_p, T lse_n, T gp,
+void row_grad(const Sigma& sp, const Sigma& sn, T* sim, int64_t cn, const RowPairs<T>& w, T lse_p, T lse_n, T gp,
               T gn, T* d) {
-  std::fill(d, d + n, T(0));
-  add_term_grad(sp, s, w.wp.data(), w.lwp.data(), n, lse_p, gp, d);
-  add_term_grad(sn, s, w.wn.data(), w.lwn.data(), n, lse_n, gn, d);
-  std::copy(d, d + n, s);
+  std::fill(d, d + w.n, T(0));
+  add_term_grad(sp, w.s.data(), w.wp.data(), w.lwp.data(), w.n, lse_p, gp, d);
+  add_term_grad(sn, w.s.data(), w.wn.data(), w.lwn.data(), w.n, lse_n, gn, d);
+  std::fill(sim, sim + cn, T(0));
+  for (int64_t k = 0; k < w.n; ++k) sim[w.col[k]] = d[k];
 }
 
 Pairs make_pairs(const at::Tensor& rli, const at::Tensor& rlj, const at::Tensor& ridx, const at::Tensor& cli,
@@ -74,7 +89,8 @@ Pairs make_pairs(const at::Tensor& rli, const at::Tensor& rlj, const at::Tensor&
                  double lam, int64_t member, int64_t mode, bool mixed_rows) {
   Pairs P{rli.data_ptr<int64_t>(), rlj.data_ptr<int64_t>(), ridx.data_ptr<int64_t>(), cli.data_ptr<int64_t>(),
           clj.data_ptr<int64_t>(), cidx.data_ptr<int64_t>(), mask ? mask->data_ptr<bool>() : nullptr,
-          V, static_cast<int>(member), mixed_rows, {}, {}};
+          V, mixed_rows, {}, {}, {}};
+  for (int k = 0; k < 8; ++k) P.member[k] = rule_member(static_cast<int>(member), k & 4, k & 2, k & 1);
   for (int k = 0; k < 4; ++k) {
     const double y = soft_label(static_cast<int>(mode), lam, k & 2, k & 1);
     P.pos[k] = Weight::of(y), P.neg[k] = Weight::of(1.0 - y);
@@ -128,13 +144,13 @@ std::vector<at::Tensor> pairwise_forward(at::Tensor rows, at::Tensor rli, at::Te
       const scalar_t* s = sim.data_ptr<scalar_t>();
 #pragma omp parallel
       {
-        RowWeights<scalar_t> w(P, cn);
+        RowPairs<scalar_t> w(P, cn);
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < rn; ++k) {
-          w.fill(P, r0 + k, c0, cn);
+          w.fill(P, r0 + k, c0, cn, s + k * cn);
           tp[r0 + k].mass += w.mass_p, tn[r0 + k].mass += w.mass_n;
-          reduce_term(sp, s + k * cn, w.wp.data(), w.lwp.data(), cn, tp[r0 + k]);
-          reduce_term(sn, s + k * cn, w.wn.data(), w.lwn.data(), cn, tn[r0 + k]);
+          reduce_term(sp, w.s.data(), w.wp.data(), w.lwp.data(), w.n, tp[r0 + k]);
+          reduce_term(sn, w.s.data(), w.wn.data(), w.lwn.data(), w.n, tn[r0 + k]);
         }
       }
     });
@@ -169,13 +185,13 @@ std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::T
       scalar_t* s = sim.data_ptr<scalar_t>();
 #pragma omp parallel
       {
-        RowWeights<scalar_t> w(P, cn);
+        RowPairs<scalar_t> w(P, cn);
         std::vector<scalar_t> d(cn);
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < rn; ++k) {
           const int64_t r = r0 + k;
-          w.fill(P, r, c0, cn);
-          row_grad<scalar_t>(sp, sn, s + k * cn, w, cn, lse_p[r], lse_n[r], gp[r], gn[r], d.data());
+          w.fill(P, r, c0, cn, s + k * cn);
+          row_grad<scalar_t>(sp, sn, s + k * cn, cn, w, lse_p[r], lse_n[r], gp[r], gn[r], d.data());
         }
       }
       if (same && rn == R && cn == V) {

@@ -140,7 +140,9 @@ def train_step(model, criterion, optimizer, x, y, mixup, generator, grad_clip) -
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     extra = {}
     if mixup == "feature":
-        extra = {"features": features, "head": inner.head}
+        # the bare linear layer: the loss normalizes the mixed embeddings itself (cosine), so the
+        # head's normalization would run twice over the M mixed rows
+        extra = {"features": features, "head": inner.embed}
     elif mixup == "input":
         extra = {"inputs": x, "model": inner}
     loss = criterion(embeddings, y, generator=generator, **extra)
