@@ -154,13 +154,14 @@ def _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA):
 
 
 @triton.jit(do_not_specialize=["NA", "B", "a0", "a1"])
-def _grad_p(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_neg, dp_out, a0, a1,
+def _grad_p(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_neg, i_ranges, dp_out, a0, a1,
             NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
             P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
-            MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr,
+            MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, RANGES: tl.constexpr,
             BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
     """dLoss/d<a, e_t> for anchors a0..a1 x embeddings t, one [BA, BE] tile per program, into dp_out:
-    t as the first member of pairs (t, j), weight lam, and as the second of pairs (i, t), 1 - lam."""
+    t as the first member of pairs (t, j), weight lam, and as the second of pairs (i, t), 1 - lam,
+    with i walked over the anchor tile's range in i_ranges [2, anchor tiles] if RANGES."""
     offs_a = a0 + tl.program_id(0) * BA + tl.arange(0, BA)
     t0 = tl.program_id(1) * BE
     offs_t = t0 + tl.arange(0, BE)
@@ -182,7 +183,12 @@ def _grad_p(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_ne
                                        lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                        P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
             acc += lam * tl.sum(over_n, axis=2)
-    i_lo, i_hi = _i_range(idx, in_a, B, MEMBER)
+    if RANGES:
+        tile = a0 // BA + tl.program_id(0)
+        i_lo = tl.load(i_ranges + tile)
+        i_hi = tl.load(i_ranges + tl.cdiv(NA, BA) + tile)
+    else:
+        i_lo, i_hi = _i_range(idx, in_a, B, MEMBER)
     if MEMBER == 4 or MEMBER == 5:
         i_hi = tl.minimum(i_hi, t0 + BE)
     for i0 in range(i_lo, i_hi, BE):
@@ -275,23 +281,19 @@ def _chunk_rows(d: int) -> int:
     return 16 if INTERPRET else triton.cdiv(max(d, 16), 16) * 16
 
 
-def _anchor_ranges(anchor_label, anchor_index, labels, member, be):
-    """[2, i tiles] int32: the anchor positions [lo, hi) that can mix with each tile of i. Anchors grouped
-    by class (the ops layer sorts pos-neg / anc-neg batches; proxies are in class order) let pos-neg and
-    pos-pos keep the anchors whose label lies in the tile's label range, and anc-neg the anchors whose
-    index lies in the tile; ungrouped anchors keep them all. No host sync."""
-    na, b = anchor_label.shape[0], labels.shape[0]
-    tiles = triton.cdiv(b, be)
-    if member == MEMBER_ANC_NEG:
-        keys, first = anchor_index, torch.arange(b, device=labels.device)
-    else:
-        keys, first = anchor_label, labels
-    keys, first = keys.to(torch.int64).contiguous(), first.to(torch.int64)
-    pad = tiles * be - b
-    lo = F.pad(first, (0, pad), value=2**62).view(tiles, be).amin(1)
-    hi = F.pad(first, (0, pad), value=-(2**62)).view(tiles, be).amax(1)
+def _tile_ranges(tile_keys, keys, size):
+    """[2, tiles] int32: for each tile of ``size`` consecutive tile_keys, the positions [lo, hi) of the
+    keys lying in the tile's key range; every position when the keys are not grouped (sorted). The ops
+    layer sorts pos-neg / anc-neg batches by class and proxies come in class order, so a tile of
+    anchors then meets only the i of its classes, and a tile of i only the anchors of its classes.
+    No host sync."""
+    tiles = triton.cdiv(tile_keys.shape[0], size)
+    keys, tile_keys = keys.to(torch.int64).contiguous(), tile_keys.to(torch.int64)
+    pad = tiles * size - tile_keys.shape[0]
+    lo = F.pad(tile_keys, (0, pad), value=2**62).view(tiles, size).amin(1)
+    hi = F.pad(tile_keys, (0, pad), value=-(2**62)).view(tiles, size).amax(1)
     ranges = torch.stack([torch.searchsorted(keys, lo), torch.searchsorted(keys, hi, right=True)])
-    full = torch.stack([torch.zeros_like(lo), torch.full_like(lo, na)])
+    full = torch.stack([torch.zeros_like(lo), torch.full_like(lo, keys.shape[0])])
     grouped = (keys[1:] >= keys[:-1]).all()
     return torch.where(grouped, ranges, full).to(torch.int32).contiguous()
 
@@ -315,20 +317,26 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
     a32, e32 = anchors.float(), emb.float()
     chunk = _chunk_rows(d)
     block = torch.empty(min(chunk, max(na, b)), b, device=anchors.device, dtype=torch.float32)
+    # Walking every tile of the other side is cheap for small batches; past that, ranges pay off.
+    # Membership ties i to the anchor by class (pos-neg, pos-pos) or by index (anc-neg).
+    use_ranges = cfg.member != MEMBER_NEG_NEG and triton.cdiv(max(na, b), ba) > (1 if INTERPRET else 64)
+    i_ranges = anchor_ranges = labels  # dummy pointers when unused
+    if use_ranges:
+        positions = torch.arange(b, device=labels.device)
+        anchor_keys, keys = (anchor_index, positions) if cfg.member == MEMBER_ANC_NEG else (anchor_label, labels)
+        i_ranges, anchor_ranges = _tile_ranges(anchor_keys, keys, ba), _tile_ranges(keys, anchor_keys, be)
     for a0 in range(0, na, chunk):
         a1 = min(a0 + chunk, na)
         _grad_p[(triton.cdiv(a1 - a0, ba), triton.cdiv(b, be))](
-            *tensors, *grads, block, a0, a1, na, b, d, *scalars, **consts, BA=ba, BE=be, BK=bk, num_warps=4)
+            *tensors, *grads, i_ranges, block, a0, a1, na, b, d, *scalars, **consts, RANGES=use_ranges, BA=ba,
+            BE=be, BK=bk, num_warps=4)
         dp = block[: a1 - a0]
         torch.mm(dp, e32, out=grad_anchors[a0:a1])
         grad_emb.addmm_(dp.T, a32[a0:a1])
-    # walking every anchor tile per dG tile is cheap for small batches; past that, ranges pay off
-    use_ranges = cfg.member != MEMBER_NEG_NEG and triton.cdiv(na, ba) > (1 if INTERPRET else 64)
-    ranges = _anchor_ranges(anchor_label, anchor_index, labels, cfg.member, be) if use_ranges else labels
     for i0 in range(0, b, chunk):
         i1 = min(i0 + chunk, b)
         _grad_g[(triton.cdiv(i1 - i0, be), triton.cdiv(b, be))](
-            *tensors, *grads, ranges, block, i0, i1, na, b, d, *scalars, **consts, RANGES=use_ranges, BA=ba, BE=be,
+            *tensors, *grads, anchor_ranges, block, i0, i1, na, b, d, *scalars, **consts, RANGES=use_ranges, BA=ba, BE=be,
             BK=bk, num_warps=4)
         dg = block[: i1 - i0]
         grad_emb[i0:i1].addmm_(dg, e32)
