@@ -1,9 +1,9 @@
 """Feature mixup fused with global average + global max pooling (the paper's pooling).
 
-Forward: the pairs are sorted by i (on the device, no host sync) and cut into chunks of at most
-CHUNK pairs sharing an i. One program per (chunk, channel block) loads f_i's [channels, H*W] block
-once, then for each of its pairs reads f_j, mixes in registers and writes mean + max and the max's
-position at the pair's original row; the [M, C, H, W] mixed maps never exist.
+Forward: one program per (pair, channel block) reads the two [channels, H*W] maps, mixes them in
+registers and writes mean + max and the max's position; the [M, C, H, W] mixed maps never exist.
+(Reading f_i once for a chunk of pairs sharing i halves the reads but serializes each program over
+its chunk: on an H100, B = 100, C = 2048, 7 x 7, M = 9900, it took 8.0 ms against 6.4 ms for this.)
 Backward: the gradient of the mean spreads evenly over H*W and the max's goes to its argmax, each
 split lam / (1 - lam) between the pair's two maps. One program per (example, channel block) walks
 every pair that uses the example (as i or as j, through a CSR of the stably sorted indices) and
@@ -16,33 +16,23 @@ import torch
 import triton
 import triton.language as tl
 
-# Pairs per forward program: f_i is re-read once per CHUNK pairs (about 3% on top of the f_j reads),
-# while a crowded i is still spread over several programs.
-CHUNK = 32
-
-
 @triton.jit
-def _forward(features, order, pair_i, pair_j, bounds, pooled, argmax, C, HW, lam,
-             BC: tl.constexpr, BHW: tl.constexpr):
-    start = tl.load(bounds + tl.program_id(0))
-    end = tl.load(bounds + tl.program_id(0) + 1)
-    if start < end:  # the grid is an upper bound on the number of chunks; the spare programs idle
-        offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
-        offs_hw = tl.arange(0, BHW)
-        in_c = offs_c < C
-        valid = in_c[:, None] & (offs_hw[None, :] < HW)
-        at = offs_c[:, None] * HW + offs_hw[None, :]
-        i = tl.load(pair_i + tl.load(order + start)).to(tl.int64)
-        lam_f_i = lam * tl.load(features + i * C * HW + at, mask=valid, other=0.0).to(tl.float32)
-        for t in range(start, end):
-            p = tl.load(order + t).to(tl.int64)
-            j = tl.load(pair_j + p).to(tl.int64)
-            f_j = tl.load(features + j * C * HW + at, mask=valid, other=0.0).to(tl.float32)
-            m = lam_f_i + (1.0 - lam) * f_j
-            top = tl.where(valid, m, float("-inf"))
-            value = tl.sum(m, axis=1) / HW + tl.max(top, axis=1)
-            tl.store(pooled + p * C + offs_c, value, mask=in_c)
-            tl.store(argmax + p * C + offs_c, tl.argmax(top, axis=1).to(tl.int32), mask=in_c)
+def _forward(features, pair_i, pair_j, pooled, argmax, C, HW, lam, BC: tl.constexpr, BHW: tl.constexpr):
+    p = tl.program_id(0)
+    offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    offs_hw = tl.arange(0, BHW)
+    in_c = offs_c < C
+    valid = in_c[:, None] & (offs_hw[None, :] < HW)
+    i = tl.load(pair_i + p).to(tl.int64)
+    j = tl.load(pair_j + p).to(tl.int64)
+    at = offs_c[:, None] * HW + offs_hw[None, :]
+    f_i = tl.load(features + i * C * HW + at, mask=valid, other=0.0).to(tl.float32)
+    f_j = tl.load(features + j * C * HW + at, mask=valid, other=0.0).to(tl.float32)
+    m = lam * f_i + (1.0 - lam) * f_j
+    top = tl.where(valid, m, float("-inf"))
+    value = tl.sum(m, axis=1) / HW + tl.max(top, axis=1)
+    tl.store(pooled + p * C + offs_c, value, mask=in_c)
+    tl.store(argmax + p * C + offs_c, tl.argmax(top, axis=1).to(tl.int32), mask=in_c)
 
 
 @triton.jit
@@ -72,23 +62,6 @@ def _blocks(hw: int) -> tuple[int, int]:
     return max(1, min(64, 4096 // bhw)), bhw
 
 
-def _chunks(i: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, bounds): pairs order[bounds[k]:bounds[k + 1]] share an i, at most CHUNK of them.
-
-    Chunk k starts at the (k + 1)-th sorted position whose rank within its i's group is a multiple
-    of CHUNK. Their count depends on the data, so ``bounds`` covers an upper bound on it that the
-    host knows without a sync (each nonempty group wastes less than one chunk); later chunks are empty.
-    """
-    m = i.shape[0]
-    order = torch.argsort(i, stable=True)
-    counts = torch.bincount(i, minlength=b)
-    group_start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(m, device=i.device) - group_start[i[order]]
-    started = torch.cumsum(rank % CHUNK == 0, 0)
-    n = min(m, (m + min(b, m) * (CHUNK - 1)) // CHUNK)
-    return order, torch.searchsorted(started, torch.arange(1, n + 2, device=i.device))
-
-
 def mixpool_forward(features, i, j, lam):
     b, c, h, w = features.shape
     m = i.shape[0]
@@ -97,10 +70,9 @@ def mixpool_forward(features, i, j, lam):
     if m == 0 or c == 0:
         return pooled, argmax
     bc, bhw = _blocks(h * w)
-    order, bounds = _chunks(i, b)
-    # chunks vary fastest, so the programs in flight share a channel block and its f_j stay in L2
-    _forward[(bounds.shape[0] - 1, triton.cdiv(c, bc))](features, order, i, j, bounds, pooled, argmax, c, h * w,
-                                                        float(lam), BC=bc, BHW=bhw, num_warps=4)
+    # pairs vary fastest, so the programs in flight share a channel block and their maps stay in L2
+    _forward[(m, triton.cdiv(c, bc))](features, i, j, pooled, argmax, c, h * w, float(lam), BC=bc, BHW=bhw,
+                                      num_warps=4)
     return pooled, argmax
 
 
