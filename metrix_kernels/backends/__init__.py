@@ -35,6 +35,8 @@ Functions (R rows reduced over V columns):
         (ordered i != j for pos-neg / anc-neg, i < j for pos-pos / neg-neg), with
         s(a, ij) = (lam <a, e_i> + (1 - lam) <a, e_j>) / n_ij,
         n_ij = max(sqrt(lam^2 + (1 - lam)^2 + 2 lam (1 - lam) <e_i, e_j>), 1e-12).
+    Where one tensor is both sides (rows is cols, anchors is emb), a backend may return the sum of the
+    two gradients in one of them and zeros in the other: autograd only ever sees their sum.
     mixpool_forward(features [B, C, H, W], i [M], j [M], lam) -> (pooled [M, C], argmax [M, C] int32)
     mixpool_backward(grad_pooled [M, C], features, i, j, lam, argmax) -> grad_features [B, C, H, W]
         pooled = mean_hw(m) + max_hw(m) of m = lam * f_i + (1 - lam) * f_j, m never materialized.
