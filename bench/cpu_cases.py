@@ -61,9 +61,12 @@ def pairs_per_batch(batch: int) -> int:
     return batch * (batch - PER_CLASS)  # ordered pos-neg pairs
 
 
-def estimated_bytes(impl: str, mixup: Optional[str], batch: int) -> int:
+def estimated_bytes(impl: str, loss: str, mixup: Optional[str], batch: int) -> int:
     """A rough upper estimate of a step's peak, to skip what would not fit."""
     m = pairs_per_batch(batch)
+    if mixup == "embedding" and FAMILY[loss].candidates == "proxies":
+        # the mixed examples are the anchors: every backend forms the [M, d] mixed rows
+        return 6 * m * DIM * 4 + (12 * m * 4 if impl == "reference" else 0)
     if mixup == "input":
         base = 6 * batch**3  # the api's hard-negative plan: [B, B, B] masks
         return base + (20 * batch * m * 4 if impl == "reference" else 3 * m * DIM * 4)
@@ -134,7 +137,7 @@ def runnable(impl: str, loss: str, mixup: Optional[str], batch: int) -> Optional
     """None, or why this combination is not measured."""
     if impl == "pml" and (mixup is not None or loss not in PML):
         return "PML has no such loss" if loss not in PML else "PML has no mixup"
-    need = estimated_bytes(impl, mixup, batch)
+    need = estimated_bytes(impl, loss, mixup, batch)
     if need > MEMORY_CAP:
         return f"needs about {need / 2**30:.0f} GiB"
     return None
