@@ -100,6 +100,18 @@ def _mixed_grad(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i, in
     return over_n, d_ij
 
 
+@triton.jit
+def _j_tile(anchors, emb, labels, offs_a, n_a, offs_i, j0, B, D, BA: tl.constexpr, BE: tl.constexpr,
+            BK: tl.constexpr, PRECISION: tl.constexpr):
+    """A tile of second members j0..: (positions, in range, labels, <a, e_j> [BA, BE], <e_i, e_j> [BE, BE])."""
+    offs_j = j0 + tl.arange(0, BE)
+    in_j = offs_j < B
+    lj = tl.load(labels + offs_j, mask=in_j, other=-2)
+    s_aj = similarity(anchors, offs_a, n_a, emb, offs_j, B, D, BA, BE, BK, PRECISION)
+    s_ij = similarity(emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
+    return offs_j, in_j, lj, s_aj, s_ij
+
+
 @triton.jit(do_not_specialize=["NA", "B"])
 def _forward(anchors, anchor_label, anchor_index, emb, labels, stats, NA, B, D, lam, label_lam,
              p_scale, p_shift, n_scale, n_shift,
@@ -122,11 +134,8 @@ def _forward(anchors, anchor_label, anchor_index, emb, labels, stats, NA, B, D, 
             s_ai = similarity(anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION)
             j_lo = i0 if (MEMBER == 4 or MEMBER == 5) else 0
             for j0 in range(j_lo, B, BE):
-                offs_j = j0 + tl.arange(0, BE)
-                in_j = offs_j < B
-                lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-                s_aj = similarity(anchors, offs_a, NA, emb, offs_j, B, D, BA, BE, BK, PRECISION)
-                s_ij = similarity(emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
+                offs_j, in_j, lj, s_aj, s_ij = _j_tile(anchors, emb, labels, offs_a, NA, offs_i, j0, B, D, BA, BE,
+                                                       BK, PRECISION)
                 s, n, root, w_pos, w_neg = _mixed(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i,
                                                   in_j, lam, label_lam, MEMBER, NEGATIVE)
                 p_m, p_t, p_mass, p_nnz = term_update(p_m, p_t, p_mass, p_nnz, sigma_x(s, p_scale, p_shift, P_OF),
@@ -174,11 +183,8 @@ def _grad_p(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_ne
     if _live(z, idx, lt, offs_t, in_a, in_t, MEMBER):
         j_lo = t0 if (MEMBER == 4 or MEMBER == 5) else 0
         for j0 in range(j_lo, B, BE):
-            offs_j = j0 + tl.arange(0, BE)
-            in_j = offs_j < B
-            lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-            s_aj = similarity(anchors, offs_a, a1, emb, offs_j, B, D, BA, BE, BK, PRECISION)
-            s_tj = similarity(emb, offs_t, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
+            offs_j, in_j, lj, s_aj, s_tj = _j_tile(anchors, emb, labels, offs_a, a1, offs_t, j0, B, D, BA, BE, BK,
+                                                   PRECISION)
             over_n, d_ij = _mixed_grad(s_at, s_aj, s_tj, z, idx, lt, lj, offs_t, offs_j, in_a, in_t, in_j,
                                        lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                        P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
