@@ -191,7 +191,7 @@ def tangent(g, e):
 
 @built
 @given(
-    dtype=st.sampled_from(DTYPES), batch=st.integers(1, 6), pairs=st.integers(0, 12), channels=st.integers(1, 5),
+    dtype=st.sampled_from(DTYPES), batch=st.integers(1, 6), pairs=st.integers(0, 12), channels=st.integers(1, 20),
     height=st.integers(1, 4), width=st.integers(1, 5), lam=LAMS, seed=st.integers(0, 2**31 - 1),
 )
 def test_mixpool(dtype, batch, pairs, channels, height, width, lam, seed):

@@ -8,6 +8,49 @@
 
 namespace metrix {
 
+namespace {
+
+// One 32-byte vector of channels (8 floats or 4 doubles) as a GCC vector type: the select of the
+// argmax compiles to a blend in registers (auto-vectorized, it became a masked store per step over
+// H*W, slower than scalar code on AMD CPUs).
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Lanes<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+// Mean + max of lam * x + (1 - lam) * y over H*W for the channels of one V (a Lanes vector, or a
+// scalar for the last C % lanes channels); x, y [H*W, C] channels-last.
+template <typename T, typename V>
+[[gnu::always_inline]] inline void pool_lanes(const T* x, const T* y, int64_t HW, int64_t C, T a, T b, T inv, T* out,
+                                              int32_t* at) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  V sum = V{} + T(0), best = V{} - std::numeric_limits<T>::infinity(), arg = V{} + T(0), vx, vy;
+  for (int64_t k = 0; k < HW; ++k) {
+    std::memcpy(&vx, x + k * C, sizeof vx);
+    std::memcpy(&vy, y + k * C, sizeof vy);
+    const V v = a * vx + b * vy;
+    sum += v;
+    const auto more = v > best;  // the first maximum, as a scan over H*W
+    best = more ? v : best;
+    arg = more ? V{} + T(k) : arg;
+  }
+  const V pooled = sum * inv + best;
+  T lanes[L];
+  std::memcpy(out, &pooled, sizeof pooled);
+  std::memcpy(lanes, &arg, sizeof arg);
+  for (int c = 0; c < L; ++c) at[c] = static_cast<int32_t>(lanes[c]);
+}
+
+constexpr int64_t kCompareHW = 8;
+
+}  // namespace
+
 std::vector<at::Tensor> mixpool_forward(at::Tensor features, at::Tensor i, at::Tensor j, double lam) {
   const int64_t M = i.size(0), C = features.size(1), HW = features.size(2) * features.size(3);
   auto last = features.permute({0, 2, 3, 1}).contiguous();  // [B, H, W, C]
@@ -20,29 +63,15 @@ std::vector<at::Tensor> mixpool_forward(at::Tensor features, at::Tensor i, at::T
     const scalar_t* f = last.data_ptr<scalar_t>();
     scalar_t* out = pooled.data_ptr<scalar_t>();
     const scalar_t a = scalar_t(lam), b = scalar_t(1 - lam), inv = scalar_t(1) / scalar_t(HW);
-#pragma omp parallel
-    {
-      std::vector<scalar_t> sum(C), best(C);
-#pragma omp for schedule(static)
-      for (int64_t m = 0; m < M; ++m) {
-        const scalar_t* x = f + pi[m] * HW * C;
-        const scalar_t* y = f + pj[m] * HW * C;
-        int32_t* at = am + m * C;
-        std::fill(sum.begin(), sum.end(), scalar_t(0));
-        std::fill(best.begin(), best.end(), -std::numeric_limits<scalar_t>::infinity());
-        std::fill(at, at + C, 0);
-        for (int64_t k = 0; k < HW; ++k) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const scalar_t v = a * x[k * C + c] + b * y[k * C + c];
-            sum[c] += v;
-            const bool more = v > best[c];  // the first maximum, as a scan over H*W
-            best[c] = more ? v : best[c];
-            at[c] = more ? static_cast<int32_t>(k) : at[c];
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) out[m * C + c] = sum[c] * inv + best[c];
-      }
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      const scalar_t* x = f + pi[m] * HW * C;
+      const scalar_t* y = f + pj[m] * HW * C;
+      using V = typename Lanes<scalar_t>::type;
+      constexpr int64_t L = sizeof(V) / sizeof(scalar_t);
+      int64_t c = 0;
+      for (; c + L <= C; c += L) pool_lanes<scalar_t, V>(x + c, y + c, HW, C, a, b, inv, out + m * C + c, am + m * C + c);
+      for (; c < C; ++c) pool_lanes<scalar_t, scalar_t>(x + c, y + c, HW, C, a, b, inv, out + m * C + c, am + m * C + c);
     }
   });
   return {pooled, argmax};
@@ -70,25 +99,50 @@ at::Tensor mixpool_backward(at::Tensor grad_pooled, at::Tensor features, at::Ten
     using scalar_t = decltype(zero);
     const scalar_t* g = gp.data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
+    using V = typename Lanes<scalar_t>::type;
+    constexpr int64_t L = sizeof(V) / sizeof(scalar_t);
+    // Small maps (the digits model's 2 x 2): the max part goes to a channels-last [H*W, C] buffer by
+    // one compare-and-add vector per position, cheaper than a scalar store per channel up to about
+    // 8 positions. Larger maps: a store at the argmax per channel.
+    const bool by_compare = HW <= kCompareHW;
 #pragma omp parallel
     {
-      std::vector<scalar_t> mean(C);
+      std::vector<scalar_t> mean(C), acc(by_compare ? HW * C : 0);
 #pragma omp for schedule(dynamic)
       for (int64_t b = 0; b < B; ++b) {
         scalar_t* o = out + b * C * HW;
-        std::fill(o, o + C * HW, scalar_t(0));
         std::fill(mean.begin(), mean.end(), scalar_t(0));
+        std::fill(acc.begin(), acc.end(), scalar_t(0));
+        if (!by_compare) std::fill(o, o + C * HW, scalar_t(0));
         for (int64_t k = start[b]; k < start[b + 1]; ++k) {
           const scalar_t fk = scalar_t(factor[k]);
           const scalar_t* gm = g + pair[k] * C;
           const int32_t* at = am + pair[k] * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) mean[c] += fk * gm[c];
-          for (int64_t c = 0; c < C; ++c) o[c * HW + at[c]] += fk * gm[c];
+          if (!by_compare) {
+            for (int64_t c = 0; c < C; ++c) o[c * HW + at[c]] += fk * gm[c];
+            continue;
+          }
+          int64_t c = 0;
+          for (; c + L <= C; c += L) {
+            V v, arg, sum;
+            scalar_t lanes[L];
+            std::memcpy(&v, gm + c, sizeof v);
+            v *= fk;
+            for (int64_t l = 0; l < L; ++l) lanes[l] = scalar_t(at[c + l]);
+            std::memcpy(&arg, lanes, sizeof arg);
+            for (int64_t h = 0; h < HW; ++h) {
+              std::memcpy(&sum, &acc[h * C + c], sizeof sum);
+              sum += arg == scalar_t(h) ? v : V{};
+              std::memcpy(&acc[h * C + c], &sum, sizeof sum);
+            }
+          }
+          for (; c < C; ++c) acc[at[c] * C + c] += fk * gm[c];
         }
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t share = mean[c] / scalar_t(HW);
-          for (int64_t k = 0; k < HW; ++k) o[c * HW + k] += share;
+          for (int64_t h = 0; h < HW; ++h) o[c * HW + h] = (by_compare ? acc[h * C + c] : o[c * HW + h]) + share;
         }
       }
     }

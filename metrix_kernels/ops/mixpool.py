@@ -33,6 +33,9 @@ def _setup_context(ctx, inputs, output):
     features, i, j, lam, backend = inputs
     ctx.save_for_backward(features, i, j, output[1])
     ctx.lam, ctx.backend = lam, backend
+    # argmax has no gradient: without these, backward would first fill an [M, C] zero tensor for it
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_pooled, grad_argmax):
