@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from metrix_kernels import reference
 from metrix_kernels.backends import LABEL_CODES, MEMBER_ALL, MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig
-from metrix_kernels.ops import pairwise
+from metrix_kernels.ops import _normalize, pairwise
 from metrix_kernels.pairs import rule_member, soft_labels
 
 from .conftest import EXAMPLES
@@ -81,3 +81,15 @@ def test_pairwise_matches_term_stats(name, data):
     for actual, want in zip(grads(combine(stats[0].double(), stats[1].double()), [r, c]),
                             grads(combine(expected.pos_sum, expected.neg_sum), [r64, c64])):
         close(actual, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 6), d=st.integers(1, 5), scale=st.sampled_from([1.0, 1e-3, 0.0]), seed=st.integers(0, 2**31 - 1))
+def test_normalize_matches_torch(rows, d, scale, seed):
+    """The fused paths' row normalization (its own backward) against F.normalize, zero rows included."""
+    x = torch.randn(rows, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    g = torch.randn(rows, d, dtype=torch.float64)
+    (a, b) = (x.clone().requires_grad_() for _ in range(2))
+    ours, theirs = _normalize(a, torch.float64), torch.nn.functional.normalize(b, dim=-1)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, a, g)[0], torch.autograd.grad(theirs, b, g)[0])
