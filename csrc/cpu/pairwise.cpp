@@ -3,7 +3,7 @@
 // of at most kBlockElems similarities, each one multi-threaded BLAS product followed by a parallel
 // pass over the block's rows (BLAS at full width beats one single-threaded product per thread on
 // small tiles). Backward recomputes a block and turns it into dL/ds in place before its gradient
-// products.
+// products. Mixed columns under pos-neg, pos-pos and anc-neg take the grouped path (Groups below).
 #include <omp.h>
 
 #include "common.h"
@@ -55,10 +55,11 @@ struct RowPairs {
       tab[0][k] = T(P.pos[k].w), tab[1][k] = T(P.pos[k].lw), tab[2][k] = T(P.neg[k].w), tab[3][k] = T(P.neg[k].lw);
   }
 
-  void fill(const Pairs& P, int64_t r, int64_t c0, int64_t cn, const T* sim) {
+  // the columns are c0 + k, or ids[k] when ids is given (a group's columns)
+  void fill(const Pairs& P, int64_t r, int64_t c0, int64_t cn, const T* sim, const int64_t* ids = nullptr) {
     n = 0;
     for (int64_t k = 0; k < cn; ++k) {  // branch-free compaction
-      const int x = P.code(r, c0 + k);
+      const int x = P.code(r, ids ? ids[k] : c0 + k);
       col[n] = k, code[n] = static_cast<int8_t>(x);
       n += x != 4;
     }
@@ -82,6 +83,61 @@ void row_grad(const Sigma& sp, const Sigma& sn, T* sim, int64_t cn, const RowPai
   add_term_grad(sn, w.s.data(), w.wn.data(), w.lwn.data(), w.n, lse_n, gn, d);
   std::fill(sim, sim + cn, T(0));
   for (int64_t k = 0; k < w.n; ++k) sim[w.col[k]] = d[k];
+}
+
+// Mixed columns under pos-neg and pos-pos (every member's label_i is the row's label) or anc-neg
+// (every member's i is the row's index): rows and columns fall into groups by that key, and a row
+// meets only the columns of its group. The grouped path forms just those similarities, by dot
+// products: under pos-neg it skips the (K - 1) / K of the pairs between groups (K classes in the
+// batch), under anc-neg all but the row's own mixes. Groups share no row and no column, so the
+// backward runs group by group with no two threads writing one gradient row.
+struct Groups {
+  std::vector<int64_t> rows, cols;             // row and column ids, group by group
+  std::vector<int64_t> row_start, col_start;   // group g: rows[row_start[g] : row_start[g + 1]], same for cols
+  std::vector<int64_t> row_group;              // the group of rows[n]
+  int64_t widest = 0;                          // the most columns in a group
+};
+
+bool grouped(const Pairs& P, int64_t member) {
+  return !P.mask && !P.mixed_rows && (member == POS_NEG || member == POS_POS || member == ANC_NEG);
+}
+
+Groups make_groups(const Pairs& P, int64_t R, int64_t member) {
+  const bool by_index = member == ANC_NEG;
+  std::vector<std::pair<int64_t, int64_t>> rk(R), ck(P.V);  // (key, id)
+  for (int64_t r = 0; r < R; ++r) rk[r] = {by_index ? P.ridx[r] : P.rli[r], r};
+  for (int64_t c = 0; c < P.V; ++c) ck[c] = {by_index ? P.cidx[c] : P.cli[c], c};
+  std::sort(rk.begin(), rk.end());
+  std::sort(ck.begin(), ck.end());
+  Groups G;
+  size_t a = 0, b = 0;
+  while (a < rk.size() && b < ck.size()) {  // the keys that have rows and columns
+    const int64_t key = std::max(rk[a].first, ck[b].first);
+    while (a < rk.size() && rk[a].first < key) ++a;
+    while (b < ck.size() && ck[b].first < key) ++b;
+    if (a == rk.size() || b == ck.size() || rk[a].first != key || ck[b].first != key) continue;
+    const int64_t g = static_cast<int64_t>(G.row_start.size());
+    G.row_start.push_back(static_cast<int64_t>(G.rows.size()));
+    G.col_start.push_back(static_cast<int64_t>(G.cols.size()));
+    for (; a < rk.size() && rk[a].first == key; ++a) G.rows.push_back(rk[a].second), G.row_group.push_back(g);
+    for (; b < ck.size() && ck[b].first == key; ++b) G.cols.push_back(ck[b].second);
+    G.widest = std::max(G.widest, static_cast<int64_t>(G.cols.size()) - G.col_start.back());
+  }
+  G.row_start.push_back(static_cast<int64_t>(G.rows.size()));
+  G.col_start.push_back(static_cast<int64_t>(G.cols.size()));
+  return G;
+}
+
+// sim[k] = <x, cols[ids[k]]> for a group's columns.
+template <typename T>
+void dots(const T* x, const T* cols, const int64_t* ids, int64_t cn, int64_t d, T* sim) {
+  for (int64_t k = 0; k < cn; ++k) {
+    const T* y = cols + ids[k] * d;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t t = 0; t < d; ++t) s += x[t] * y[t];
+    sim[k] = s;
+  }
 }
 
 Pairs make_pairs(const at::Tensor& rli, const at::Tensor& rlj, const at::Tensor& ridx, const at::Tensor& cli,
@@ -140,6 +196,28 @@ std::vector<at::Tensor> pairwise_forward(at::Tensor rows, at::Tensor rli, at::Te
   at::Tensor whole;
   dispatch(rows, [&](auto zero) {
     using scalar_t = decltype(zero);
+    if (grouped(P, member)) {
+      const Groups G = make_groups(P, R, member);
+      const int64_t d = rows.size(1);
+      const scalar_t *x = rows.data_ptr<scalar_t>(), *y = cols.data_ptr<scalar_t>();
+#pragma omp parallel
+      {
+        RowPairs<scalar_t> w(P, G.widest);
+        std::vector<scalar_t> sim(G.widest);
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t n = 0; n < static_cast<int64_t>(G.rows.size()); ++n) {
+          const int64_t r = G.rows[n], g = G.row_group[n];
+          const int64_t* ids = G.cols.data() + G.col_start[g];
+          const int64_t cn = G.col_start[g + 1] - G.col_start[g];
+          dots(x + r * d, y, ids, cn, d, sim.data());
+          w.fill(P, r, 0, cn, sim.data(), ids);
+          tp[r].mass += w.mass_p, tn[r].mass += w.mass_n;
+          reduce_term(sp, w.s.data(), w.wp.data(), w.lwp.data(), w.n, tp[r]);
+          reduce_term(sn, w.s.data(), w.wn.data(), w.lwn.data(), w.n, tn[r]);
+        }
+      }
+      return;
+    }
     whole = for_each_block(rows, cols, std::nullopt, [&](int64_t r0, int64_t rn, int64_t c0, int64_t cn, at::Tensor& sim) {
       const scalar_t* s = sim.data_ptr<scalar_t>();
 #pragma omp parallel
@@ -181,6 +259,38 @@ std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::T
   auto grad_cols = same ? grad_rows : at::zeros_like(cols);
   dispatch(rows, [&](auto zero) {
     using scalar_t = decltype(zero);
+    if (!same && grouped(P, member)) {
+      const Groups G = make_groups(P, R, member);
+      const int64_t d = rows.size(1);
+      const scalar_t *x = rows.data_ptr<scalar_t>(), *y = cols.data_ptr<scalar_t>();
+      scalar_t *gx = grad_rows.data_ptr<scalar_t>(), *gy = grad_cols.data_ptr<scalar_t>();
+#pragma omp parallel
+      {
+        RowPairs<scalar_t> w(P, G.widest);
+        std::vector<scalar_t> sim(G.widest), scratch(G.widest);
+        const int64_t groups = static_cast<int64_t>(G.row_start.size()) - 1;
+#pragma omp for schedule(dynamic)
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t* ids = G.cols.data() + G.col_start[g];
+          const int64_t cn = G.col_start[g + 1] - G.col_start[g];
+          for (int64_t n = G.row_start[g]; n < G.row_start[g + 1]; ++n) {
+            const int64_t r = G.rows[n];
+            dots(x + r * d, y, ids, cn, d, sim.data());
+            w.fill(P, r, 0, cn, sim.data(), ids);
+            row_grad<scalar_t>(sp, sn, sim.data(), cn, w, lse_p[r], lse_n[r], gp[r], gn[r], scratch.data());
+            for (int64_t m = 0; m < w.n; ++m) {  // members only: row_grad zeroed the others
+              const int64_t k = w.col[m];
+              const scalar_t ds = sim[k];
+              const scalar_t *xr = x + r * d, *yc = y + ids[k] * d;
+              scalar_t *gxr = gx + r * d, *gyc = gy + ids[k] * d;
+#pragma omp simd
+              for (int64_t t = 0; t < d; ++t) gxr[t] += ds * yc[t], gyc[t] += ds * xr[t];
+            }
+          }
+        }
+      }
+      return;
+    }
     for_each_block(rows, cols, saved, [&](int64_t r0, int64_t rn, int64_t c0, int64_t cn, at::Tensor& sim) {
       scalar_t* s = sim.data_ptr<scalar_t>();
 #pragma omp parallel
