@@ -121,15 +121,14 @@ def batch_pairs(labels: torch.Tensor, pair_set: str) -> tuple[torch.Tensor, torc
     losses have no anchor class: there every listed pair is a mixed anchor with interpolated labels.
     """
     b = labels.shape[0]
-    ii, jj = torch.meshgrid(torch.arange(b, device=labels.device), torch.arange(b, device=labels.device), indexing="ij")
-    same = labels[:, None] == labels[None, :]
     if pair_set in ("pos-neg", "anc-neg"):
-        keep = ~same
-    elif pair_set == "pos-pos":
-        keep = same & (ii < jj)
+        keep = labels[:, None] != labels[None, :]
     else:
-        keep = ii < jj
-    return ii[keep], jj[keep]
+        keep = torch.ones(b, b, dtype=torch.bool, device=labels.device).triu_(1)
+        if pair_set == "pos-pos":
+            keep &= labels[:, None] == labels[None, :]
+    i, j = keep.nonzero().unbind(1)  # row-major: by i, then j
+    return i, j
 
 
 def rule_member(
