@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 from functools import lru_cache
 
+import torch
+
 from ..backends import KernelConfig
 from ..family import Sigma
 
@@ -38,3 +40,28 @@ def unflatten(codes: list[int], scalars: list[float], flags: list[int]) -> Kerne
         mixed_rows=bool(flags[2]),
         count_nonzero=bool(flags[3]),
     )
+
+
+def with_autograd(op, backward, setup_context):
+    """Registers (backward, setup_context) as op's autograd formula and returns how to call op.
+
+    Eager calls go through an autograd.Function with that same formula: torch's wrapper for a
+    custom op's registered formula costs about 0.1 ms per call here (it rebuilds the schema's
+    argument list once per argument). torch.compile traces the registered formula instead, as
+    dynamo cannot trace an autograd.Function given one tensor twice (rows is cols in a clean loss).
+    """
+    op.register_autograd(backward, setup_context=setup_context)
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = op(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+    Eager.backward = staticmethod(backward)
+
+    def call(*inputs):
+        return op(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
+
+    return call

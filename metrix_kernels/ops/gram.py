@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ..backends import KernelConfig
-from ._dispatch import backend_module, flatten, unflatten
+from ._dispatch import backend_module, flatten, unflatten, with_autograd
 
 
 @torch.library.custom_op("metrix::gram_mixed", mutates_args=())
@@ -54,12 +54,12 @@ def _backward(ctx, grad_stats):
     return grad_anchors, None, None, grad_emb, None, None, None, None, None, None
 
 
-_gram_mixed.register_autograd(_backward, setup_context=_setup_context)
+_call = with_autograd(_gram_mixed, _backward, _setup_context)
 
 
 def gram_mixed(anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor,
                lam: float, cfg: KernelConfig, backend: str) -> Tensor:
     """Statistics [6, A] of normalized anchors against every mix of normalized emb in cfg's pair set
     (anchor_index -1 for proxies); no mixed embedding is formed."""
-    return _gram_mixed(anchors.contiguous(), anchor_label, anchor_index, emb.contiguous(), labels, float(lam),
+    return _call(anchors.contiguous(), anchor_label, anchor_index, emb.contiguous(), labels, float(lam),
                        *flatten(cfg), backend)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dispatch import backend_module
+from ._dispatch import backend_module, with_autograd
 
 
 @torch.library.custom_op("metrix::mixpool", mutates_args=())
@@ -43,9 +43,9 @@ def _backward(ctx, grad_pooled, grad_argmax):
     return _mixpool_backward(grad_pooled, features, i, j, ctx.lam, argmax, ctx.backend), None, None, None, None
 
 
-_mixpool.register_autograd(_backward, setup_context=_setup_context)
+_call = with_autograd(_mixpool, _backward, _setup_context)
 
 
 def mixpool(features: Tensor, i: Tensor, j: Tensor, lam: float, backend: str) -> Tensor:
     """Pooled mixed features [M, C] of [B, C, H, W] maps, the mixed maps never formed."""
-    return _mixpool(features.contiguous(), i.contiguous(), j.contiguous(), float(lam), backend)[0]
+    return _call(features.contiguous(), i.contiguous(), j.contiguous(), float(lam), backend)[0]

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..backends import KernelConfig
-from ._dispatch import backend_module, flatten, unflatten
+from ._dispatch import backend_module, flatten, unflatten, with_autograd
 
 
 @torch.library.custom_op("metrix::pairwise", mutates_args=())
@@ -58,7 +58,7 @@ def _backward(ctx, grad_stats):
     return grad_rows, None, None, None, grad_cols, None, None, None, None, None, None, None, None, None
 
 
-_pairwise.register_autograd(_backward, setup_context=_setup_context)
+_call = with_autograd(_pairwise, _backward, _setup_context)
 
 
 def pairwise(
@@ -71,7 +71,7 @@ def pairwise(
     *_labels are (label_i, label_j) of each side (equal for a clean side); gradients reach rows
     and cols through the statistics' two term sums.
     """
-    return _pairwise(
+    return _call(
         rows.contiguous(), *row_labels, row_index, cols.contiguous(), *col_labels, col_index,
         member_mask, float(lam), *flatten(cfg), backend,
     )
