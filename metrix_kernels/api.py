@@ -43,7 +43,7 @@ def _check_backend(backend) -> None:
 
 
 def _implementation(backend: str, device: torch.device):
-    """The object whose clean_loss / mixed_loss compute the loss for this backend and device.
+    """The object whose clean_loss / error_function compute the loss for this backend and device.
 
     "auto": triton for CUDA tensors when triton imports, else the cpu backend when it reports itself
     available, else the reference.
@@ -64,7 +64,7 @@ def _implementation(backend: str, device: torch.device):
     from . import ops
 
     return SimpleNamespace(
-        clean_loss=partial(ops.clean_loss, backend=backend), mixed_loss=partial(ops.mixed_loss, backend=backend)
+        clean_loss=partial(ops.clean_loss, backend=backend), error_function=partial(ops.error_function, backend=backend)
     )
 
 
@@ -216,12 +216,11 @@ def metrix_loss(
             group, mixup, embeddings, labels, features, head, inputs, model
         )
 
-    clean = impl.clean_loss(row, terms, embeddings, labels, proxies)
     if mixup is None:
-        return clean
+        return impl.clean_loss(row, terms, embeddings, labels, proxies)
     plan = plan_mixing(embeddings, labels, mixup, pairs, lam, mix_alpha, label_mode, hard_negatives, generator, group)
-    mixed = impl.mixed_loss(row, terms, embeddings, labels, proxies, plan, mixup, features, head, inputs, model)
-    return clean + weight * mixed
+    return impl.error_function(row, terms, embeddings, labels, proxies, plan, mixup, features, head, inputs, model,
+                               weight)
 
 
 class MetrixLoss(torch.nn.Module):

@@ -149,3 +149,23 @@ def mixed_loss(
     y = soft_labels(anchor_labels, label_i, label_j, plan.lam, plan.label_mode, m.dtype)
     sim = anchors @ m.T
     return assemble(row, terms, term_stats(sim, member * y, member * (1.0 - y), terms))
+
+
+def error_function(
+    row: LossRow,
+    terms: Terms,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: Optional[torch.Tensor],
+    plan: MixPlan,
+    mixup: str,
+    features: Optional[torch.Tensor] = None,
+    head: Optional[Callable] = None,
+    inputs: Optional[torch.Tensor] = None,
+    model: Optional[Callable] = None,
+    weight: float = 0.4,
+) -> torch.Tensor:
+    """The Metrix error function E = clean loss + weight * mixed loss (eq. 10)."""
+    clean = clean_loss(row, terms, embeddings, labels, proxies)
+    return clean + weight * mixed_loss(row, terms, embeddings, labels, proxies, plan, mixup, features, head, inputs,
+                                       model)

@@ -1,4 +1,4 @@
-"""The fused loss: reference.clean_loss / reference.mixed_loss rebuilt from fused ops + family.assemble.
+"""The fused loss: reference.clean_loss / mixed_loss / error_function rebuilt from fused ops + family.assemble.
 
 Each op (pairwise, gram, mixpool) is a torch.library custom op with a fake implementation and an
 autograd formula, and runs on the backend module named by ``backend`` (backends contract).
@@ -27,7 +27,7 @@ from .gram import gram_mixed
 from .mixpool import mixpool
 from .pairwise import pairwise
 
-__all__ = ["clean_loss", "gram_mixed", "mixed_loss", "mixpool", "pairwise"]
+__all__ = ["clean_loss", "error_function", "gram_mixed", "mixed_loss", "mixpool", "pairwise"]
 
 
 def _work_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
@@ -82,32 +82,8 @@ def _proxy_side(proxies: torch.Tensor, dtype: torch.dtype):
 
 def clean_loss(row: LossRow, terms: Terms, embeddings, labels, proxies, backend: str) -> torch.Tensor:
     """reference.clean_loss on a fused backend."""
-    work = _work_dtype(embeddings.dtype, backend)
-    e = _normalize(embeddings, work)
-    index = torch.arange(labels.shape[0], device=labels.device)
-    if row.anchors == "proxies":
-        p, classes, none = _proxy_side(proxies, e.dtype)
-        stats = pairwise(p, (classes, classes), none, e, (labels, labels), index, 1.0,
-                         _config(row, terms, MEMBER_ALL), backend)
-    elif row.candidates == "proxies":
-        p, classes, none = _proxy_side(proxies, e.dtype)
-        stats = pairwise(e, (labels, labels), index, p, (classes, classes), none, 1.0,
-                         _config(row, terms, MEMBER_ALL), backend)
-    else:
-        stats = pairwise(e, (labels, labels), index, e, (labels, labels), index, 1.0,
-                         _config(row, terms, MEMBER_ALL_BUT_SELF), backend)
-    return _assemble(row, terms, stats, embeddings.dtype)
-
-
-def _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend, work) -> torch.Tensor:
-    """The normalized [M, d] mixed embeddings (feature and input mixup; embedding mixup only for
-    proxy-candidate losses, whose anchors are the mixed examples themselves)."""
-    if mixup == "embedding":
-        e = _normalize(embeddings, work)
-        return _normalize(plan.lam * e[plan.i] + (1.0 - plan.lam) * e[plan.j], work)
-    if mixup == "feature":
-        return _normalize(head(mixpool(features, plan.i, plan.j, plan.lam, backend)), work)
-    return _normalize(model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]), work)
+    e = _normalize(embeddings, _work_dtype(embeddings.dtype, backend))
+    return _clean(row, terms, e, labels, proxies, backend, embeddings.dtype)
 
 
 def mixed_loss(
@@ -120,38 +96,94 @@ def mixed_loss(
     Embedding mixup without an explicit member mask reads only plan.lam, plan.pair_set and
     plan.label_mode: the Gram op enumerates the pairs itself, so plan.i / plan.j are never listed.
     """
-    work = _work_dtype(embeddings.dtype, backend)
+    e, e_labels = _normalized(row, embeddings, labels, plan, mixup, backend)
+    return _mixed(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model, backend,
+                  embeddings.dtype)
+
+
+def error_function(
+    row: LossRow, terms: Terms, embeddings, labels, proxies, plan: MixPlan, mixup: str, features=None,
+    head: Optional[Callable] = None, inputs=None, model: Optional[Callable] = None, weight: float = 0.4,
+    backend: str = "triton",
+) -> torch.Tensor:
+    """reference.error_function on a fused backend: clean_loss + weight * mixed_loss from one normalized
+    (and, for the Gram op, class-sorted) copy of the batch, where the two separately make two or three."""
+    e, e_labels = _normalized(row, embeddings, labels, plan, mixup, backend)
+    clean = _clean(row, terms, e, e_labels, proxies, backend, embeddings.dtype)
+    mixed = _mixed(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model, backend,
+                   embeddings.dtype)
+    return clean + weight * mixed
+
+
+def _by_gram(row: LossRow, plan: MixPlan, mixup: str) -> bool:
+    """Whether the mixed loss runs on the Gram op (embedding mixup, anchors against mixed candidates)."""
+    return mixup == "embedding" and row.candidates != "proxies" and (row.anchors == "proxies" or plan.member is None)
+
+
+def _normalized(row: LossRow, embeddings, labels, plan: MixPlan, mixup: str, backend: str):
+    """The normalized batch and its labels, grouped by class when the Gram op takes pos-neg / anc-neg
+    pairs: ordered pairs, so the order changes no pair and no sum over anchors (nor the clean
+    loss's), and the kernel then skips whole tiles without a member (pos-pos / neg-neg put lam on
+    the first of i < j, so their batch order matters and is kept). Sorting before normalizing
+    leaves one [B, d] copy alive, the normalized one."""
+    if _by_gram(row, plan, mixup) and plan.pair_set in ("pos-neg", "anc-neg"):
+        order = torch.argsort(labels, stable=True)
+        embeddings, labels = embeddings[order], labels[order]
+    return _normalize(embeddings, _work_dtype(embeddings.dtype, backend)), labels
+
+
+def _clean(row: LossRow, terms: Terms, e, labels, proxies, backend: str, dtype) -> torch.Tensor:
+    index = torch.arange(labels.shape[0], device=labels.device)
+    if row.anchors == "proxies":
+        p, classes, none = _proxy_side(proxies, e.dtype)
+        stats = pairwise(p, (classes, classes), none, e, (labels, labels), index, 1.0,
+                         _config(row, terms, MEMBER_ALL), backend)
+    elif row.candidates == "proxies":
+        p, classes, none = _proxy_side(proxies, e.dtype)
+        stats = pairwise(e, (labels, labels), index, p, (classes, classes), none, 1.0,
+                         _config(row, terms, MEMBER_ALL), backend)
+    else:
+        stats = pairwise(e, (labels, labels), index, e, (labels, labels), index, 1.0,
+                         _config(row, terms, MEMBER_ALL_BUT_SELF), backend)
+    return _assemble(row, terms, stats, dtype)
+
+
+def _mixed_rows(mixup, plan, e, features, head, inputs, model, backend) -> torch.Tensor:
+    """The normalized [M, d] mixed embeddings (feature and input mixup; embedding mixup only for
+    proxy-candidate losses, whose anchors are the mixed examples themselves); e is the normalized batch."""
+    if mixup == "embedding":
+        return _normalize(plan.lam * e[plan.i] + (1.0 - plan.lam) * e[plan.j], e.dtype)
+    if mixup == "feature":
+        return _normalize(head(mixpool(features, plan.i, plan.j, plan.lam, backend)), e.dtype)
+    return _normalize(model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]), e.dtype)
+
+
+def _mixed(row: LossRow, terms: Terms, e, e_labels, labels, proxies, plan: MixPlan, mixup: str, features, head,
+           inputs, model, backend: str, dtype) -> torch.Tensor:
+    """The mixed loss from the normalized batch e (labels e_labels: sorted as e is, for the Gram op);
+    labels are the batch's own, that plan.i / plan.j index."""
     if row.candidates == "proxies":
         # the mixed examples are the anchors; every proxy is a candidate with a soft label
-        m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend, work)
+        m = _mixed_rows(mixup, plan, e, features, head, inputs, model, backend)
         p, classes, none = _proxy_side(proxies, m.dtype)
         stats = pairwise(m, (labels[plan.i], labels[plan.j]), plan.i, p, (classes, classes), none, plan.lam,
                          _config(row, terms, MEMBER_ALL, plan, mixed_rows=True), backend)
-        return _assemble(row, terms, stats, embeddings.dtype)
+        return _assemble(row, terms, stats, dtype)
     rule = MEMBER_RULES[plan.pair_set]
-    e = _normalize(embeddings, work)
     if row.anchors == "proxies":
         # a proxy stands for its whole class: anc-neg is pos-neg, and no per-anchor mask applies
         anchors, anchor_labels, anchor_index = _proxy_side(proxies, e.dtype)
         rule = MEMBER_POS_NEG if rule == MEMBER_ANC_NEG else rule
         member_mask = None
     else:
-        anchors, anchor_labels = e, labels
+        anchors, anchor_labels = e, e_labels
         anchor_index = torch.arange(labels.shape[0], device=labels.device)
         member_mask = plan.member
     cfg = _config(row, terms, rule, plan)
-    if mixup == "embedding" and member_mask is None:
-        if plan.pair_set in ("pos-neg", "anc-neg"):
-            # Ordered pairs: grouping the batch by class changes no pair and no sum over anchors,
-            # and lets the Gram kernel skip whole tiles without a member. (pos-pos / neg-neg put
-            # lam on the first of i < j, so their batch order matters and is kept.)
-            order = torch.argsort(labels, stable=True)
-            e, labels = e[order], labels[order]
-            if row.anchors == "examples":
-                anchors, anchor_labels = e, labels
-        stats = gram_mixed(anchors, anchor_labels, anchor_index, e, labels, plan.lam, cfg, backend)
+    if _by_gram(row, plan, mixup):
+        stats = gram_mixed(anchors, anchor_labels, anchor_index, e, e_labels, plan.lam, cfg, backend)
     else:
-        m = _mixed_rows(mixup, plan, embeddings, features, head, inputs, model, backend, work)
+        m = _mixed_rows(mixup, plan, e, features, head, inputs, model, backend)
         stats = pairwise(anchors, (anchor_labels, anchor_labels), anchor_index, m, (labels[plan.i], labels[plan.j]),
                          plan.i, plan.lam, cfg, backend, member_mask=member_mask)
-    return _assemble(row, terms, stats, embeddings.dtype)
+    return _assemble(row, terms, stats, dtype)

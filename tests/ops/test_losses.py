@@ -1,5 +1,5 @@
-"""ops.clean_loss / ops.mixed_loss (and metrix_loss with backend="triton") against the reference:
-every loss, every mixup, loss and every gradient."""
+"""ops.clean_loss / ops.mixed_loss / ops.error_function (and metrix_loss with backend="triton") against
+the reference: every loss, every mixup, loss and every gradient."""
 from __future__ import annotations
 
 import pytest
@@ -56,9 +56,14 @@ def test_embedding_mixed_loss(name, data):
     i, j = batch_pairs(labels, pair_set)
     plan = MixPlan(i, j, data.draw(st.floats(0.05, 0.95)), pair_set, data.draw(st.sampled_from(LABEL_MODES)))
     inputs = leaves(emb, proxies)
-    _check(_both(lambda x: ops.mixed_loss(row, terms, x[0], labels, x[1], plan, "embedding", backend="triton"),
-                 lambda x: reference.mixed_loss(row, terms, x[0], labels, x[1], plan, "embedding"), inputs),
-           atol=1e-4)
+    # the mixed loss alone, or the error function (clean + weight * mixed from one normalized, sorted batch)
+    fused, expected = data.draw(st.sampled_from([
+        (lambda x: ops.mixed_loss(row, terms, x[0], labels, x[1], plan, "embedding", backend="triton"),
+         lambda x: reference.mixed_loss(row, terms, x[0], labels, x[1], plan, "embedding")),
+        (lambda x: ops.error_function(row, terms, x[0], labels, x[1], plan, "embedding", weight=0.7, backend="triton"),
+         lambda x: reference.error_function(row, terms, x[0], labels, x[1], plan, "embedding", weight=0.7)),
+    ]))
+    _check(_both(fused, expected, inputs), atol=1e-4)
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -75,13 +80,20 @@ def test_feature_mixed_loss(name, data):
     plan = MixPlan(i, j, data.draw(LAMS), pair_set, data.draw(st.sampled_from(LABEL_MODES)))
     inputs = leaves(emb, proxies, features, head.weight, head.bias)
 
+    weight = data.draw(st.sampled_from([None, 0.7]))  # None: the mixed loss alone, else the error function
+
     def fused(x):
         fn = lambda pooled: torch.nn.functional.linear(pooled, x[3], x[4])
-        return ops.mixed_loss(row, terms, x[0], labels, x[1], plan, "feature", x[2], fn, backend="triton")
+        if weight is None:
+            return ops.mixed_loss(row, terms, x[0], labels, x[1], plan, "feature", x[2], fn, backend="triton")
+        return ops.error_function(row, terms, x[0], labels, x[1], plan, "feature", x[2], fn, weight=weight,
+                                  backend="triton")
 
     def expected(x):
         fn = lambda pooled: torch.nn.functional.linear(pooled, x[3], x[4])
-        return reference.mixed_loss(row, terms, x[0], labels, x[1], plan, "feature", x[2], fn)
+        if weight is None:
+            return reference.mixed_loss(row, terms, x[0], labels, x[1], plan, "feature", x[2], fn)
+        return reference.error_function(row, terms, x[0], labels, x[1], plan, "feature", x[2], fn, weight=weight)
 
     _check(_both(fused, expected, inputs), atol=1e-4)
 
@@ -125,12 +137,10 @@ def test_half_precision(name, dtype):
     inputs = leaves(emb, proxies)
 
     def fused(x):
-        out = ops.clean_loss(row, terms, x[0], labels, x[1], "triton")
-        return out + ops.mixed_loss(row, terms, x[0], labels, x[1], plan, "embedding", backend="triton")
+        return ops.error_function(row, terms, x[0], labels, x[1], plan, "embedding", backend="triton")
 
     def expected(x):
-        out = reference.clean_loss(row, terms, x[0], labels, x[1])
-        return out + reference.mixed_loss(row, terms, x[0], labels, x[1], plan, "embedding")
+        return reference.error_function(row, terms, x[0], labels, x[1], plan, "embedding")
 
     result = _both(fused, expected, inputs, dtype=torch.float32)
     assert result[0][0].dtype == dtype and all(g.dtype == dtype for g in result[0][1])
