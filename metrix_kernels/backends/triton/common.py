@@ -30,6 +30,12 @@ def interpretable(x):
     return x.float() if INTERPRET and x.dtype == torch.bfloat16 else x
 
 
+def zeros_like_free(x, dtype):
+    """Zeros of x's shape that take no memory (one element, expanded): the gradient a backward returns
+    for the second side of an op whose two sides are one tensor, their sum going to the first."""
+    return torch.zeros((), device=x.device, dtype=dtype).expand(x.shape)
+
+
 def sigma_codes(sigma: Sigma) -> tuple[int, int, float, float]:
     return FORMS[sigma.form], INPUTS[sigma.of], float(sigma.scale), float(sigma.shift)
 

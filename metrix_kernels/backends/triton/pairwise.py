@@ -32,6 +32,7 @@ from .common import (
     term_grad,
     term_update,
     term_value,
+    zeros_like_free,
 )
 
 
@@ -172,13 +173,14 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
     matrix products (torch, i.e. cuBLAS) turn it into the gradients: dS @ cols for the chunk's rows
     and dS^T @ rows added to the columns' gradient."""
     dtype = rows.dtype
+    same = rows is cols  # one gradient buffer, the sum of both (backends contract)
     rows, cols = interpretable(rows), interpretable(cols)
     r, d = rows.shape
     v = cols.shape[0]
     if r == 0 or v == 0:
         return torch.zeros_like(rows, dtype=dtype), torch.zeros_like(cols, dtype=dtype)
-    grad_rows = torch.empty(r, d, device=rows.device, dtype=torch.float32)  # written chunk by chunk
     grad_cols = torch.zeros(v, d, device=rows.device, dtype=torch.float32)
+    grad_rows = grad_cols if same else torch.empty(r, d, device=rows.device, dtype=torch.float32)
     tensors, scalars, consts = _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i,
                                             col_label_j, col_index, member_mask, lam, cfg)
     br, bv, bk = _blocks(d, rows.dtype)
@@ -192,6 +194,11 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
             *tensors, stats, g_pos, g_neg, ds, r0, r1, r, v, d, *scalars, **consts, BR=br, BV=bv, BK=bk,
             num_warps=4)
         block = ds[: r1 - r0]
-        torch.mm(block, cols32, out=grad_rows[r0:r1])
+        if same:
+            grad_rows[r0:r1].addmm_(block, cols32)
+        else:
+            torch.mm(block, cols32, out=grad_rows[r0:r1])
         grad_cols.addmm_(block.T, rows32[r0:r1])
+    if same:
+        return grad_rows.to(dtype), zeros_like_free(cols, dtype)
     return grad_rows.to(dtype), grad_cols.to(dtype)
