@@ -313,7 +313,7 @@ std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::T
       grad_cols.narrow(0, c0, cn).addmm_(sim.t(), rows.narrow(0, r0, rn));
     });
   });
-  return {grad_rows, same ? at::zeros_like(cols) : grad_cols};
+  return {grad_rows, same ? at::zeros({}, cols.options()).expand_as(cols) : grad_cols};
 }
 
 }  // namespace metrix
