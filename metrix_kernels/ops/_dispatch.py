@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 from functools import lru_cache
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -42,26 +43,48 @@ def unflatten(codes: list[int], scalars: list[float], flags: list[int]) -> Kerne
     )
 
 
-def with_autograd(op, backward, setup_context):
-    """Registers (backward, setup_context) as op's autograd formula and returns how to call op.
+class Kernels(NamedTuple):
+    forward: Callable
+    backward: Callable
 
-    Eager calls go through an autograd.Function with that same formula: torch's wrapper for a
-    custom op's registered formula costs about 0.1 ms per call here (it rebuilds the schema's
-    argument list once per argument). torch.compile traces the registered formula instead, as
-    dynamo cannot trace an autograd.Function given one tensor twice (rows is cols in a clean loss).
+
+def fused_op(name: str, forward: Callable, forward_fake: Callable, backward_kernel: Callable, backward_fake: Callable,
+             setup_context: Callable, backward: Callable) -> Callable:
+    """Registers forward and backward_kernel as the custom ops ``name`` and ``name``_backward (with
+    their fake implementations) and (backward, setup_context) as the first one's autograd formula,
+    whose backward reaches its kernel as ctx.kernels.backward. Returns how to call the op.
+
+    torch.compile traces the registered ops. Eager calls run the same functions directly, inside an
+    autograd.Function with the same formula: the custom-op dispatch costs about 0.1 ms per call and
+    direction (its autograd wrapper rebuilds the schema's argument list once per argument), and dynamo
+    cannot trace that autograd.Function itself when one tensor is given twice (rows is cols).
     """
-    op.register_autograd(backward, setup_context=setup_context)
+    ops = Kernels(torch.library.custom_op(name, forward, mutates_args=()),
+                  torch.library.custom_op(f"{name}_backward", backward_kernel, mutates_args=()))
+    ops.forward.register_fake(forward_fake)
+    ops.backward.register_fake(backward_fake)
+    direct = Kernels(forward, backward_kernel)
+
+    def setup(kernels: Kernels) -> Callable:
+        def run(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+            ctx.kernels = kernels
+
+        return run
+
+    ops.forward.register_autograd(backward, setup_context=setup(ops))
+    eager_setup = setup(direct)
 
     class Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            output = op(*inputs)
-            setup_context(ctx, inputs, output)
+            output = forward(*inputs)
+            eager_setup(ctx, inputs, output)
             return output
 
     Eager.backward = staticmethod(backward)
 
     def call(*inputs):
-        return op(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
+        return ops.forward(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
 
     return call

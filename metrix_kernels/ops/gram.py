@@ -5,11 +5,10 @@ import torch
 from torch import Tensor
 
 from ..backends import KernelConfig
-from ._dispatch import backend_module, flatten, unflatten, with_autograd
+from ._dispatch import backend_module, flatten, fused_op, unflatten
 
 
-@torch.library.custom_op("metrix::gram_mixed", mutates_args=())
-def _gram_mixed(
+def _forward(
     anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor, lam: float,
     codes: list[int], scalars: list[float], flags: list[int], backend: str,
 ) -> Tensor:
@@ -18,14 +17,12 @@ def _gram_mixed(
     )
 
 
-@_gram_mixed.register_fake
-def _(anchors, *args):
+def _forward_fake(anchors, *args):
     wide = anchors.dtype == torch.float64
     return anchors.new_empty((6, anchors.shape[0]), dtype=torch.float64 if wide else torch.float32)
 
 
-@torch.library.custom_op("metrix::gram_mixed_backward", mutates_args=())
-def _gram_mixed_backward(
+def _backward_kernel(
     anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor, lam: float,
     codes: list[int], scalars: list[float], flags: list[int], backend: str,
     stats: Tensor, grad_pos_sum: Tensor, grad_neg_sum: Tensor,
@@ -36,8 +33,7 @@ def _gram_mixed_backward(
     )
 
 
-@_gram_mixed_backward.register_fake
-def _(anchors, anchor_label, anchor_index, emb, *args):
+def _backward_fake(anchors, anchor_label, anchor_index, emb, *args):
     return torch.empty_like(anchors), torch.empty_like(emb)
 
 
@@ -49,12 +45,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_stats):
     *tensors, stats = ctx.saved_tensors
     grad = grad_stats.to(stats.dtype)
-    grad_anchors, grad_emb = _gram_mixed_backward(*tensors, *ctx.scalars, stats, grad[0].contiguous(),
+    grad_anchors, grad_emb = ctx.kernels.backward(*tensors, *ctx.scalars, stats, grad[0].contiguous(),
                                                   grad[1].contiguous())
     return grad_anchors, None, None, grad_emb, None, None, None, None, None, None
 
 
-_call = with_autograd(_gram_mixed, _backward, _setup_context)
+_call = fused_op("metrix::gram_mixed", _forward, _forward_fake, _backward_kernel, _backward_fake, _setup_context,
+                 _backward)
 
 
 def gram_mixed(anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor,

@@ -4,28 +4,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dispatch import backend_module, with_autograd
+from ._dispatch import backend_module, fused_op
 
 
-@torch.library.custom_op("metrix::mixpool", mutates_args=())
-def _mixpool(features: Tensor, i: Tensor, j: Tensor, lam: float, backend: str) -> tuple[Tensor, Tensor]:
+def _forward(features: Tensor, i: Tensor, j: Tensor, lam: float, backend: str) -> tuple[Tensor, Tensor]:
     return backend_module(backend).mixpool_forward(features, i, j, lam)
 
 
-@_mixpool.register_fake
-def _(features, i, j, lam, backend):
+def _forward_fake(features, i, j, lam, backend):
     shape = (i.shape[0], features.shape[1])
     return features.new_empty(shape), features.new_empty(shape, dtype=torch.int32)
 
 
-@torch.library.custom_op("metrix::mixpool_backward", mutates_args=())
-def _mixpool_backward(grad_pooled: Tensor, features: Tensor, i: Tensor, j: Tensor, lam: float, argmax: Tensor,
-                      backend: str) -> Tensor:
+def _backward_kernel(grad_pooled: Tensor, features: Tensor, i: Tensor, j: Tensor, lam: float, argmax: Tensor,
+                     backend: str) -> Tensor:
     return backend_module(backend).mixpool_backward(grad_pooled, features, i, j, lam, argmax)
 
 
-@_mixpool_backward.register_fake
-def _(grad_pooled, features, *args):
+def _backward_fake(grad_pooled, features, *args):
     return torch.empty_like(features)
 
 
@@ -40,10 +36,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_pooled, grad_argmax):
     features, i, j, argmax = ctx.saved_tensors
-    return _mixpool_backward(grad_pooled, features, i, j, ctx.lam, argmax, ctx.backend), None, None, None, None
+    return ctx.kernels.backward(grad_pooled, features, i, j, ctx.lam, argmax, ctx.backend), None, None, None, None
 
 
-_call = with_autograd(_mixpool, _backward, _setup_context)
+_call = fused_op("metrix::mixpool", _forward, _forward_fake, _backward_kernel, _backward_fake, _setup_context,
+                 _backward)
 
 
 def mixpool(features: Tensor, i: Tensor, j: Tensor, lam: float, backend: str) -> Tensor:

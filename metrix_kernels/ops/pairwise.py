@@ -7,11 +7,10 @@ import torch
 from torch import Tensor
 
 from ..backends import KernelConfig
-from ._dispatch import backend_module, flatten, unflatten, with_autograd
+from ._dispatch import backend_module, flatten, fused_op, unflatten
 
 
-@torch.library.custom_op("metrix::pairwise", mutates_args=())
-def _pairwise(
+def _forward(
     rows: Tensor, row_label_i: Tensor, row_label_j: Tensor, row_index: Tensor,
     cols: Tensor, col_label_i: Tensor, col_label_j: Tensor, col_index: Tensor,
     member_mask: Optional[Tensor], lam: float, codes: list[int], scalars: list[float], flags: list[int], backend: str,
@@ -22,13 +21,11 @@ def _pairwise(
     )
 
 
-@_pairwise.register_fake
-def _(rows, *args):
+def _forward_fake(rows, *args):
     return rows.new_empty((6, rows.shape[0]), dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
 
 
-@torch.library.custom_op("metrix::pairwise_backward", mutates_args=())
-def _pairwise_backward(
+def _backward_kernel(
     rows: Tensor, row_label_i: Tensor, row_label_j: Tensor, row_index: Tensor,
     cols: Tensor, col_label_i: Tensor, col_label_j: Tensor, col_index: Tensor,
     member_mask: Optional[Tensor], lam: float, codes: list[int], scalars: list[float], flags: list[int], backend: str,
@@ -40,8 +37,7 @@ def _pairwise_backward(
     )
 
 
-@_pairwise_backward.register_fake
-def _(rows, row_label_i, row_label_j, row_index, cols, *args):
+def _backward_fake(rows, row_label_i, row_label_j, row_index, cols, *args):
     return torch.empty_like(rows), torch.empty_like(cols)
 
 
@@ -53,12 +49,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_stats):
     *tensors, stats = ctx.saved_tensors
     grad = grad_stats.to(stats.dtype)
-    grad_rows, grad_cols = _pairwise_backward(*tensors, *ctx.scalars, stats, grad[0].contiguous(),
-                                              grad[1].contiguous())
+    grad_rows, grad_cols = ctx.kernels.backward(*tensors, *ctx.scalars, stats, grad[0].contiguous(),
+                                                grad[1].contiguous())
     return grad_rows, None, None, None, grad_cols, None, None, None, None, None, None, None, None, None
 
 
-_call = with_autograd(_pairwise, _backward, _setup_context)
+_call = fused_op("metrix::pairwise", _forward, _forward_fake, _backward_kernel, _backward_fake, _setup_context,
+                 _backward)
 
 
 def pairwise(
