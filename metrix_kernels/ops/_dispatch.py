@@ -43,6 +43,18 @@ def unflatten(codes: list[int], scalars: list[float], flags: list[int]) -> Kerne
     )
 
 
+def _dense(kernel: Callable) -> Callable:
+    """kernel with its outputs made dense, as its fake implementation declares them: a backward may
+    return memory-free expanded zeros for the second side of an op whose two sides are one tensor,
+    which compiled code must not read with the fake's strides."""
+
+    def run(*args):
+        out = kernel(*args)
+        return out.contiguous() if isinstance(out, torch.Tensor) else tuple(x.contiguous() for x in out)
+
+    return run
+
+
 class Kernels(NamedTuple):
     forward: Callable
     backward: Callable
@@ -60,7 +72,8 @@ def fused_op(name: str, forward: Callable, forward_fake: Callable, backward_kern
     cannot trace that autograd.Function itself when one tensor is given twice (rows is cols).
     """
     ops = Kernels(torch.library.custom_op(name, forward, mutates_args=()),
-                  torch.library.custom_op(f"{name}_backward", backward_kernel, mutates_args=()))
+                  torch.library.custom_op(f"{name}_backward", _dense(backward_kernel), mutates_args=(),
+                                          schema=torch.library.infer_schema(backward_kernel, mutates_args=())))
     ops.forward.register_fake(forward_fake)
     ops.backward.register_fake(backward_fake)
     direct = Kernels(forward, backward_kernel)
