@@ -318,7 +318,7 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
     if na == 0 or b == 0:
         return torch.zeros_like(anchors, dtype=dtype), torch.zeros_like(emb, dtype=dtype)
     grad_emb = torch.zeros(b, d, device=anchors.device, dtype=torch.float32)
-    grad_anchors = grad_emb if same else torch.empty(na, d, device=anchors.device, dtype=torch.float32)
+    grad_anchors = grad_emb if same else torch.zeros(na, d, device=anchors.device, dtype=torch.float32)
     tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
     ba, be, bk = _blocks(d)
     grads = (stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous())
@@ -339,10 +339,7 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
             *tensors, *grads, i_ranges, block, a0, a1, na, b, d, *scalars, **consts, RANGES=use_ranges, BA=ba,
             BE=be, BK=bk, num_warps=4)
         dp = block[: a1 - a0]
-        if same:
-            grad_anchors[a0:a1].addmm_(dp, e32)
-        else:
-            torch.mm(dp, e32, out=grad_anchors[a0:a1])
+        grad_anchors[a0:a1].addmm_(dp, e32)
         grad_emb.addmm_(dp.T, a32[a0:a1])
     for i0 in range(0, b, chunk):
         i1 = min(i0 + chunk, b)
@@ -352,6 +349,4 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
         dg = block[: i1 - i0]
         grad_emb[i0:i1].addmm_(dg, e32)
         grad_emb.addmm_(dg.T, e32[i0:i1])
-    if same:
-        return grad_anchors.to(dtype), zeros_like_free(emb, dtype)
-    return grad_anchors.to(dtype), grad_emb.to(dtype)
+    return grad_anchors.to(dtype), zeros_like_free(emb, dtype) if same else grad_emb.to(dtype)
