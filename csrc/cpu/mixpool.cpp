@@ -2,27 +2,13 @@
 // maps lam * f_i + (1 - lam) * f_j never exist. Forward reads the maps channels-last (one copy of
 // the batch) so that each step over H*W is a vector over the channels. Backward runs per example
 // over the pairs that use it, so no two threads write the same map: each pair adds its mean part
-// to a channel vector and its max part at the saved argmax.
+// to every position and its max part at the saved argmax.
 #include "common.h"
 #include "kernels.h"
 
 namespace metrix {
 
 namespace {
-
-// One 32-byte vector of channels (8 floats or 4 doubles) as a GCC vector type: the select of the
-// argmax compiles to a blend in registers (auto-vectorized, it became a masked store per step over
-// H*W, slower than scalar code on AMD CPUs).
-template <typename T>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Lanes<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
 
 // Mean + max of lam * x + (1 - lam) * y over H*W for the channels of one V (a Lanes vector, or a
 // scalar for the last C % lanes channels); x, y [H*W, C] channels-last.
@@ -47,7 +33,62 @@ template <typename T, typename V>
   for (int c = 0; c < L; ++c) at[c] = static_cast<int32_t>(lanes[c]);
 }
 
+// Up to this many positions the backward adds the max part by compares in registers (below),
+// beyond it by a scalar store at the argmax of each channel.
 constexpr int64_t kCompareHW = 8;
+
+// Integer vectors as wide as Lanes<T>'s, so that a compare of argmax lanes selects lanes of V.
+template <typename T>
+struct SameWidthInt;
+template <>
+struct SameWidthInt<float> {
+  typedef int32_t type __attribute__((vector_size(32)));
+};
+template <>
+struct SameWidthInt<double> {
+  typedef int64_t type __attribute__((vector_size(32)));
+};
+
+inline void widen(const int32_t* at, SameWidthInt<float>::type& out) { std::memcpy(&out, at, sizeof out); }
+inline void widen(const int32_t* at, SameWidthInt<double>::type& out) {
+  for (int l = 0; l < 4; ++l) out[l] = at[l];
+}
+
+// Gradient of one example's [C, HW] map (HW <= N) from the n pairs that use it, with their factors:
+// per vector of channels, the mean part and the max part at each of N positions stay in registers
+// across the pairs, the max part added by one compare-and-add per position instead of a scalar
+// store at the argmax of each channel.
+template <typename T, int N>
+void pool_grad_compare(const T* g, const int32_t* am, int64_t C, int64_t HW, const int64_t* pairs,
+                       const double* factors, int64_t n, T* o) {
+  using V = typename Lanes<T>::type;
+  using Index = typename SameWidthInt<T>::type;
+  using Lane = decltype(+Index{}[0]);
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  int64_t c = 0;
+  for (; c + L <= C; c += L) {
+    V mean = V{}, max_part[N] = {}, v;
+    Index arg;
+    for (int64_t k = 0; k < n; ++k) {
+      std::memcpy(&v, g + pairs[k] * C + c, sizeof v);
+      v *= T(factors[k]);
+      widen(am + pairs[k] * C + c, arg);
+      mean += v;
+      for (int h = 0; h < N; ++h) max_part[h] += arg == Lane(h) ? v : V{};
+    }
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t h = 0; h < HW; ++h) o[(c + l) * HW + h] = max_part[h][l] + mean[l] / T(HW);
+  }
+  for (; c < C; ++c) {
+    T mean = 0, max_part[N] = {};
+    for (int64_t k = 0; k < n; ++k) {
+      const T v = T(factors[k]) * g[pairs[k] * C + c];
+      mean += v;
+      max_part[am[pairs[k] * C + c]] += v;
+    }
+    for (int64_t h = 0; h < HW; ++h) o[c * HW + h] = max_part[h] + mean / T(HW);
+  }
+}
 
 }  // namespace
 
@@ -99,50 +140,41 @@ at::Tensor mixpool_backward(at::Tensor grad_pooled, at::Tensor features, at::Ten
     using scalar_t = decltype(zero);
     const scalar_t* g = gp.data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
-    using V = typename Lanes<scalar_t>::type;
-    constexpr int64_t L = sizeof(V) / sizeof(scalar_t);
-    // Small maps (the digits model's 2 x 2): the max part goes to a channels-last [H*W, C] buffer by
-    // one compare-and-add vector per position, cheaper than a scalar store per channel up to about
-    // 8 positions. Larger maps: a store at the argmax per channel.
     const bool by_compare = HW <= kCompareHW;
 #pragma omp parallel
     {
-      std::vector<scalar_t> mean(C), acc(by_compare ? HW * C : 0);
+      std::vector<scalar_t> mean(C);
 #pragma omp for schedule(dynamic)
       for (int64_t b = 0; b < B; ++b) {
         scalar_t* o = out + b * C * HW;
+        const int64_t* pairs = pair.data() + start[b];
+        const double* factors = factor.data() + start[b];
+        const int64_t n = start[b + 1] - start[b];
+        if (by_compare) {
+          // Small maps (the digits model's 2 x 2): positions rounded up to 1, 2, 4 or 8
+          const auto run = [&](auto positions) {
+            pool_grad_compare<scalar_t, decltype(positions)::value>(g, am, C, HW, pairs, factors, n, o);
+          };
+          if (HW <= 1) run(std::integral_constant<int, 1>{});
+          else if (HW <= 2) run(std::integral_constant<int, 2>{});
+          else if (HW <= 4) run(std::integral_constant<int, 4>{});
+          else run(std::integral_constant<int, 8>{});
+          continue;
+        }
+        // larger maps: the mean part per channel, the max part by a store at the argmax
         std::fill(mean.begin(), mean.end(), scalar_t(0));
-        std::fill(acc.begin(), acc.end(), scalar_t(0));
-        if (!by_compare) std::fill(o, o + C * HW, scalar_t(0));
-        for (int64_t k = start[b]; k < start[b + 1]; ++k) {
-          const scalar_t fk = scalar_t(factor[k]);
-          const scalar_t* gm = g + pair[k] * C;
-          const int32_t* at = am + pair[k] * C;
+        std::fill(o, o + C * HW, scalar_t(0));
+        for (int64_t k = 0; k < n; ++k) {
+          const scalar_t fk = scalar_t(factors[k]);
+          const scalar_t* gm = g + pairs[k] * C;
+          const int32_t* at = am + pairs[k] * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) mean[c] += fk * gm[c];
-          if (!by_compare) {
-            for (int64_t c = 0; c < C; ++c) o[c * HW + at[c]] += fk * gm[c];
-            continue;
-          }
-          int64_t c = 0;
-          for (; c + L <= C; c += L) {
-            V v, arg, sum;
-            scalar_t lanes[L];
-            std::memcpy(&v, gm + c, sizeof v);
-            v *= fk;
-            for (int64_t l = 0; l < L; ++l) lanes[l] = scalar_t(at[c + l]);
-            std::memcpy(&arg, lanes, sizeof arg);
-            for (int64_t h = 0; h < HW; ++h) {
-              std::memcpy(&sum, &acc[h * C + c], sizeof sum);
-              sum += arg == scalar_t(h) ? v : V{};
-              std::memcpy(&acc[h * C + c], &sum, sizeof sum);
-            }
-          }
-          for (; c < C; ++c) acc[at[c] * C + c] += fk * gm[c];
+          for (int64_t c = 0; c < C; ++c) o[c * HW + at[c]] += fk * gm[c];
         }
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t share = mean[c] / scalar_t(HW);
-          for (int64_t h = 0; h < HW; ++h) o[c * HW + h] = (by_compare ? acc[h * C + c] : o[c * HW + h]) + share;
+          for (int64_t h = 0; h < HW; ++h) o[c * HW + h] += share;
         }
       }
     }

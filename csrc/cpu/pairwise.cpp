@@ -6,6 +6,8 @@
 // products. Mixed columns under pos-neg, pos-pos and anc-neg take the grouped path (Groups below).
 #include <omp.h>
 
+#include <array>
+
 #include "common.h"
 #include "kernels.h"
 
@@ -14,6 +16,7 @@ namespace {
 
 constexpr int64_t kBlockElems = 1 << 18;
 constexpr int64_t kMaxCols = 4096;
+constexpr int64_t kGroupCols = 128;  // columns of a group per backward work item
 
 struct Pairs {
   const int64_t *rli, *rlj, *ridx, *cli, *clj, *cidx;
@@ -102,36 +105,64 @@ bool grouped(const Pairs& P, int64_t member) {
   return !P.mask && !P.mixed_rows && (member == POS_NEG || member == POS_POS || member == ANC_NEG);
 }
 
+// The groups in order of their key; rows and columns keep their order inside a group. Counting
+// by a binary search among the rows' keys, where sorting every column took longer than the
+// forward's own work under anc-neg.
 Groups make_groups(const Pairs& P, int64_t R, int64_t member) {
   const bool by_index = member == ANC_NEG;
-  std::vector<std::pair<int64_t, int64_t>> rk(R), ck(P.V);  // (key, id)
-  for (int64_t r = 0; r < R; ++r) rk[r] = {by_index ? P.ridx[r] : P.rli[r], r};
-  for (int64_t c = 0; c < P.V; ++c) ck[c] = {by_index ? P.cidx[c] : P.cli[c], c};
-  std::sort(rk.begin(), rk.end());
-  std::sort(ck.begin(), ck.end());
+  const auto row_key = [&](int64_t r) { return by_index ? P.ridx[r] : P.rli[r]; };
+  const auto col_key = [&](int64_t c) { return by_index ? P.cidx[c] : P.cli[c]; };
+  std::vector<int64_t> keys(R);
+  for (int64_t r = 0; r < R; ++r) keys[r] = row_key(r);
+  std::sort(keys.begin(), keys.end());
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  const int64_t K = static_cast<int64_t>(keys.size());
+  const auto group_of = [&](int64_t key) {  // K when no row has this key
+    const int64_t g = std::lower_bound(keys.begin(), keys.end(), key) - keys.begin();
+    return g < K && keys[g] == key ? g : K;
+  };
+  std::vector<int64_t> row_g(R), col_g(P.V), row_count(K + 1, 0), col_count(K + 1, 0);
+  for (int64_t r = 0; r < R; ++r) ++row_count[row_g[r] = group_of(row_key(r))];
+  for (int64_t c = 0; c < P.V; ++c) ++col_count[col_g[c] = group_of(col_key(c))];
   Groups G;
-  size_t a = 0, b = 0;
-  while (a < rk.size() && b < ck.size()) {  // the keys that have rows and columns
-    const int64_t key = std::max(rk[a].first, ck[b].first);
-    while (a < rk.size() && rk[a].first < key) ++a;
-    while (b < ck.size() && ck[b].first < key) ++b;
-    if (a == rk.size() || b == ck.size() || rk[a].first != key || ck[b].first != key) continue;
-    const int64_t g = static_cast<int64_t>(G.row_start.size());
-    G.row_start.push_back(static_cast<int64_t>(G.rows.size()));
-    G.col_start.push_back(static_cast<int64_t>(G.cols.size()));
-    for (; a < rk.size() && rk[a].first == key; ++a) G.rows.push_back(rk[a].second), G.row_group.push_back(g);
-    for (; b < ck.size() && ck[b].first == key; ++b) G.cols.push_back(ck[b].second);
-    G.widest = std::max(G.widest, static_cast<int64_t>(G.cols.size()) - G.col_start.back());
+  G.row_start.assign(1, 0), G.col_start.assign(1, 0);
+  std::vector<int64_t> group_id(K, -1);  // among the groups kept: those with columns
+  for (int64_t g = 0; g < K; ++g) {
+    if (col_count[g] == 0) continue;
+    group_id[g] = static_cast<int64_t>(G.row_start.size()) - 1;
+    G.row_start.push_back(G.row_start.back() + row_count[g]);
+    G.col_start.push_back(G.col_start.back() + col_count[g]);
+    G.widest = std::max(G.widest, col_count[g]);
   }
-  G.row_start.push_back(static_cast<int64_t>(G.rows.size()));
-  G.col_start.push_back(static_cast<int64_t>(G.cols.size()));
+  G.rows.resize(G.row_start.back()), G.row_group.resize(G.row_start.back()), G.cols.resize(G.col_start.back());
+  std::vector<int64_t> next_row(G.row_start.begin(), G.row_start.end() - 1);
+  std::vector<int64_t> next_col(G.col_start.begin(), G.col_start.end() - 1);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = group_id[row_g[r]];
+    if (g >= 0) G.row_group[next_row[g]] = g, G.rows[next_row[g]++] = r;
+  }
+  for (int64_t c = 0; c < P.V; ++c) {
+    if (col_g[c] == K) continue;
+    const int64_t g = group_id[col_g[c]];
+    if (g >= 0) G.cols[next_col[g]++] = c;
+  }
   return G;
 }
 
-// sim[k] = <x, cols[ids[k]]> for a group's columns.
+// sim[k] = <x, cols[ids[k]]> for a group's columns, four at a time: four independent sums hide the
+// latency of the adds that one dot product's chain would wait on.
 template <typename T>
 void dots(const T* x, const T* cols, const int64_t* ids, int64_t cn, int64_t d, T* sim) {
-  for (int64_t k = 0; k < cn; ++k) {
+  int64_t k = 0;
+  for (; k + 4 <= cn; k += 4) {
+    const T *y0 = cols + ids[k] * d, *y1 = cols + ids[k + 1] * d, *y2 = cols + ids[k + 2] * d,
+            *y3 = cols + ids[k + 3] * d;
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t t = 0; t < d; ++t) s0 += x[t] * y0[t], s1 += x[t] * y1[t], s2 += x[t] * y2[t], s3 += x[t] * y3[t];
+    sim[k] = s0, sim[k + 1] = s1, sim[k + 2] = s2, sim[k + 3] = s3;
+  }
+  for (; k < cn; ++k) {
     const T* y = cols + ids[k] * d;
     T s = 0;
 #pragma omp simd reduction(+ : s)
@@ -260,34 +291,48 @@ std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::T
   dispatch(rows, [&](auto zero) {
     using scalar_t = decltype(zero);
     if (!same && grouped(P, member)) {
+      // Work items are (group, up to kGroupCols of its columns), so that a few large groups (the
+      // classes of a batch) still spread over the threads. An item owns its columns' gradients;
+      // its rows' gradients go to a per-thread buffer, summed at the end.
       const Groups G = make_groups(P, R, member);
-      const int64_t d = rows.size(1);
+      const int64_t d = rows.size(1), groups = static_cast<int64_t>(G.row_start.size()) - 1;
+      std::vector<std::array<int64_t, 2>> items;  // (group, first column in it)
+      int64_t most_rows = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t c = G.col_start[g]; c < G.col_start[g + 1]; c += kGroupCols) items.push_back({g, c});
+        most_rows = std::max(most_rows, G.row_start[g + 1] - G.row_start[g]);
+      }
+      const int64_t chunk = std::min(kGroupCols, G.widest);
       const scalar_t *x = rows.data_ptr<scalar_t>(), *y = cols.data_ptr<scalar_t>();
       scalar_t *gx = grad_rows.data_ptr<scalar_t>(), *gy = grad_cols.data_ptr<scalar_t>();
 #pragma omp parallel
       {
-        RowPairs<scalar_t> w(P, G.widest);
-        std::vector<scalar_t> sim(G.widest), scratch(G.widest);
-        const int64_t groups = static_cast<int64_t>(G.row_start.size()) - 1;
+        RowPairs<scalar_t> w(P, chunk);
+        std::vector<scalar_t> ds(most_rows * chunk), scratch(chunk), gx_own(R * d, scalar_t(0));
 #pragma omp for schedule(dynamic)
-        for (int64_t g = 0; g < groups; ++g) {
-          const int64_t* ids = G.cols.data() + G.col_start[g];
-          const int64_t cn = G.col_start[g + 1] - G.col_start[g];
-          for (int64_t n = G.row_start[g]; n < G.row_start[g + 1]; ++n) {
-            const int64_t r = G.rows[n];
-            dots(x + r * d, y, ids, cn, d, sim.data());
-            w.fill(P, r, 0, cn, sim.data(), ids);
-            row_grad<scalar_t>(sp, sn, sim.data(), cn, w, lse_p[r], lse_n[r], gp[r], gn[r], scratch.data());
-            for (int64_t m = 0; m < w.n; ++m) {  // members only: row_grad zeroed the others
+        for (int64_t item = 0; item < static_cast<int64_t>(items.size()); ++item) {
+          const auto [g, c0] = items[item];
+          const int64_t* ids = G.cols.data() + c0;
+          const int64_t cn = std::min(kGroupCols, G.col_start[g + 1] - c0);
+          const int64_t n0 = G.row_start[g], rn = G.row_start[g + 1] - n0;
+          for (int64_t n = 0; n < rn; ++n) {  // dL/ds of each row of the group, and the rows' gradients
+            const int64_t r = G.rows[n0 + n];
+            scalar_t* dsr = ds.data() + n * cn;
+            dots(x + r * d, y, ids, cn, d, dsr);
+            w.fill(P, r, 0, cn, dsr, ids);
+            row_grad<scalar_t>(sp, sn, dsr, cn, w, lse_p[r], lse_n[r], gp[r], gn[r], scratch.data());
+            add_weighted_rows(gx_own.data() + r * d, d, w.n, [&](int64_t m) {  // members only: the others are 0
               const int64_t k = w.col[m];
-              const scalar_t ds = sim[k];
-              const scalar_t *xr = x + r * d, *yc = y + ids[k] * d;
-              scalar_t *gxr = gx + r * d, *gyc = gy + ids[k] * d;
-#pragma omp simd
-              for (int64_t t = 0; t < d; ++t) gxr[t] += ds * yc[t], gyc[t] += ds * xr[t];
-            }
+              return std::pair<scalar_t, const scalar_t*>(dsr[k], y + ids[k] * d);
+            });
           }
+          for (int64_t k = 0; k < cn; ++k)  // the item's columns' gradients
+            add_weighted_rows(gy + ids[k] * d, d, rn, [&](int64_t n) {
+              return std::pair<scalar_t, const scalar_t*>(ds[n * cn + k], x + G.rows[n0 + n] * d);
+            });
         }
+#pragma omp critical
+        for (int64_t t = 0; t < R * d; ++t) gx[t] += gx_own[t];
       }
       return;
     }
