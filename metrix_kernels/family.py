@@ -303,18 +303,22 @@ def _tau(form: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def assemble(row: LossRow, terms: Terms, stats: TermStats) -> torch.Tensor:
-    """The reduced loss from per-anchor term statistics (rho, tau, then the row's reduction)."""
+    """The reduced loss from per-anchor term statistics (rho, tau, then the row's reduction).
+
+    Statistics [..., A] give losses [...]: several losses of one row over the same number of
+    anchors are assembled in one pass (a fused error function's clean and mixed parts).
+    """
     pos = _rho(terms.rho_pos, terms.sigma_pos, stats.pos_sum, stats.pos_mass)
     neg = _rho(terms.rho_neg, terms.sigma_neg, stats.neg_sum, stats.neg_mass)
     has_pos = stats.pos_mass > 0
-    anchors = pos.shape[0]
+    anchors = pos.shape[-1]
     if row.reduction == "proxy_anchor":
-        return pos.sum() / has_pos.sum().clamp_min(1) + neg.sum() / max(anchors, 1)
+        return pos.sum(-1) / has_pos.sum(-1).clamp_min(1) + neg.sum(-1) / max(anchors, 1)
     if row.reduction == "nonzero_pairs":
-        return pos.sum() / stats.pos_nnz.sum().clamp_min(1) + neg.sum() / stats.neg_nnz.sum().clamp_min(1)
+        return pos.sum(-1) / stats.pos_nnz.sum(-1).clamp_min(1) + neg.sum(-1) / stats.neg_nnz.sum(-1).clamp_min(1)
     if row.reduction == "mean_positive_anchors":
         # anchors without a positive (-log 0) are not averaged, as in PML's NCALoss.
         loss = _tau(terms.tau, pos + neg)
-        return torch.where(has_pos, loss, torch.zeros_like(loss)).sum() / has_pos.sum().clamp_min(1)
+        return torch.where(has_pos, loss, torch.zeros_like(loss)).sum(-1) / has_pos.sum(-1).clamp_min(1)
     loss = _tau(terms.tau, pos + neg)
-    return loss.sum() / max(anchors, 1)
+    return loss.sum(-1) / max(anchors, 1)

@@ -83,7 +83,7 @@ def _proxy_side(proxies: torch.Tensor, dtype: torch.dtype):
 def clean_loss(row: LossRow, terms: Terms, embeddings, labels, proxies, backend: str) -> torch.Tensor:
     """reference.clean_loss on a fused backend."""
     e = _normalize(embeddings, _work_dtype(embeddings.dtype, backend))
-    return _clean(row, terms, e, labels, proxies, backend, embeddings.dtype)
+    return _assemble(row, terms, _clean_stats(row, terms, e, labels, proxies, backend), embeddings.dtype)
 
 
 def mixed_loss(
@@ -97,8 +97,8 @@ def mixed_loss(
     plan.label_mode: the Gram op enumerates the pairs itself, so plan.i / plan.j are never listed.
     """
     e, e_labels = _normalized(row, embeddings, labels, plan, mixup, backend)
-    return _mixed(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model, backend,
-                  embeddings.dtype)
+    stats = _mixed_stats(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model, backend)
+    return _assemble(row, terms, stats, embeddings.dtype)
 
 
 def error_function(
@@ -107,12 +107,18 @@ def error_function(
     backend: str = "triton",
 ) -> torch.Tensor:
     """reference.error_function on a fused backend: clean_loss + weight * mixed_loss from one normalized
-    (and, for the Gram op, class-sorted) copy of the batch, where the two separately make two or three."""
+    (and, for the Gram op, class-sorted) copy of the batch, where the two separately make two or three.
+    The two losses are assembled in one pass when they have as many anchors (all but the
+    proxy-candidate losses, whose mixed anchors are the mixed examples): the assembly is some
+    twenty small ops each way, a cost that shows next to the kernels at small batches."""
     e, e_labels = _normalized(row, embeddings, labels, plan, mixup, backend)
-    clean = _clean(row, terms, e, e_labels, proxies, backend, embeddings.dtype)
-    mixed = _mixed(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model, backend,
-                   embeddings.dtype)
-    return clean + weight * mixed
+    clean = _clean_stats(row, terms, e, e_labels, proxies, backend)
+    mixed = _mixed_stats(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model,
+                         backend)
+    if clean.shape == mixed.shape:
+        both = _assemble(row, terms, torch.stack((clean, mixed), 1), embeddings.dtype)
+        return both[0] + weight * both[1]
+    return _assemble(row, terms, clean, embeddings.dtype) + weight * _assemble(row, terms, mixed, embeddings.dtype)
 
 
 def _by_gram(row: LossRow, plan: MixPlan, mixup: str) -> bool:
@@ -132,7 +138,8 @@ def _normalized(row: LossRow, embeddings, labels, plan: MixPlan, mixup: str, bac
     return _normalize(embeddings, _work_dtype(embeddings.dtype, backend)), labels
 
 
-def _clean(row: LossRow, terms: Terms, e, labels, proxies, backend: str, dtype) -> torch.Tensor:
+def _clean_stats(row: LossRow, terms: Terms, e, labels, proxies, backend: str) -> torch.Tensor:
+    """The clean loss's statistics [6, A] from the normalized batch e."""
     index = torch.arange(labels.shape[0], device=labels.device)
     if row.anchors == "proxies":
         p, classes, none = _proxy_side(proxies, e.dtype)
@@ -145,7 +152,7 @@ def _clean(row: LossRow, terms: Terms, e, labels, proxies, backend: str, dtype) 
     else:
         stats = pairwise(e, (labels, labels), index, e, (labels, labels), index, 1.0,
                          _config(row, terms, MEMBER_ALL_BUT_SELF), backend)
-    return _assemble(row, terms, stats, dtype)
+    return stats
 
 
 def _mixed_rows(mixup, plan, e, features, head, inputs, model, backend) -> torch.Tensor:
@@ -158,17 +165,16 @@ def _mixed_rows(mixup, plan, e, features, head, inputs, model, backend) -> torch
     return _normalize(model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]), e.dtype)
 
 
-def _mixed(row: LossRow, terms: Terms, e, e_labels, labels, proxies, plan: MixPlan, mixup: str, features, head,
-           inputs, model, backend: str, dtype) -> torch.Tensor:
-    """The mixed loss from the normalized batch e (labels e_labels: sorted as e is, for the Gram op);
+def _mixed_stats(row: LossRow, terms: Terms, e, e_labels, labels, proxies, plan: MixPlan, mixup: str, features, head,
+                 inputs, model, backend: str) -> torch.Tensor:
+    """The mixed loss's statistics [6, A] from the normalized batch e (labels e_labels: sorted as e is, for the Gram op);
     labels are the batch's own, that plan.i / plan.j index."""
     if row.candidates == "proxies":
         # the mixed examples are the anchors; every proxy is a candidate with a soft label
         m = _mixed_rows(mixup, plan, e, features, head, inputs, model, backend)
         p, classes, none = _proxy_side(proxies, m.dtype)
-        stats = pairwise(m, (labels[plan.i], labels[plan.j]), plan.i, p, (classes, classes), none, plan.lam,
-                         _config(row, terms, MEMBER_ALL, plan, mixed_rows=True), backend)
-        return _assemble(row, terms, stats, dtype)
+        return pairwise(m, (labels[plan.i], labels[plan.j]), plan.i, p, (classes, classes), none, plan.lam,
+                        _config(row, terms, MEMBER_ALL, plan, mixed_rows=True), backend)
     rule = MEMBER_RULES[plan.pair_set]
     if row.anchors == "proxies":
         # a proxy stands for its whole class: anc-neg is pos-neg, and no per-anchor mask applies
@@ -181,9 +187,7 @@ def _mixed(row: LossRow, terms: Terms, e, e_labels, labels, proxies, plan: MixPl
         member_mask = plan.member
     cfg = _config(row, terms, rule, plan)
     if _by_gram(row, plan, mixup):
-        stats = gram_mixed(anchors, anchor_labels, anchor_index, e, e_labels, plan.lam, cfg, backend)
-    else:
-        m = _mixed_rows(mixup, plan, e, features, head, inputs, model, backend)
-        stats = pairwise(anchors, (anchor_labels, anchor_labels), anchor_index, m, (labels[plan.i], labels[plan.j]),
-                         plan.i, plan.lam, cfg, backend, member_mask=member_mask)
-    return _assemble(row, terms, stats, dtype)
+        return gram_mixed(anchors, anchor_labels, anchor_index, e, e_labels, plan.lam, cfg, backend)
+    m = _mixed_rows(mixup, plan, e, features, head, inputs, model, backend)
+    return pairwise(anchors, (anchor_labels, anchor_labels), anchor_index, m, (labels[plan.i], labels[plan.j]),
+                    plan.i, plan.lam, cfg, backend, member_mask=member_mask)
