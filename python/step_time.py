@@ -23,7 +23,7 @@ import torch
 from metrix_kernels import MetrixLoss
 from metrix_kernels.train import Config, Trainer
 from metrix_kernels.train.allocator import keep_freed_memory
-from metrix_kernels.train.loop import train_step
+from metrix_kernels.train.loop import deterministic_kernels, train_step
 from metrix_kernels.train.model import build_model
 
 
@@ -74,18 +74,18 @@ def main() -> None:
         else:
             steppers, batches = _resnet_steppers(args, mixups)
         times = {m: [] for m in mixups}
-        torch.use_deterministic_algorithms(True, warn_only=True)  # as the trainer runs by default
-        for step in range(args.steps + 3):
-            x, y = batches[step % len(batches)]
-            for m, run in steppers.items():
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                run(x, y)
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                if step >= 3:  # the first steps warm up allocators and caches
-                    times[m].append(time.perf_counter() - start)
+        with deterministic_kernels():  # as the trainer runs by default
+            for step in range(args.steps + 3):
+                x, y = batches[step % len(batches)]
+                for m, run in steppers.items():
+                    if args.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    run(x, y)
+                    if args.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    if step >= 3:  # the first steps warm up allocators and caches
+                        times[m].append(time.perf_counter() - start)
     clean = np.median(times[None]) if None in times else None
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU"
     print(f"{where}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; {args.model}, "

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -133,6 +134,25 @@ def _progress(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
 
 
+@contextmanager
+def deterministic_kernels(enabled: bool = True):
+    """torch's deterministic algorithms while inside (CPU scatter-adds, the backward of indexing,
+    otherwise vary in the last bits between runs), without the NaN fill of every new tensor that
+    comes with them: that fill only makes reads of uninitialized memory visible, and costs about a
+    millisecond of a digits step (the [M, C] buffers of feature mixup). Restores the settings after."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.utils.deterministic.fill_uninitialized_memory)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[2]
+
+
 def train_step(model, criterion, optimizer, x, y, mixup, generator, grad_clip) -> tuple[float, torch.Tensor]:
     """Forward, Metrix loss (clean + w * mixed), backward, clipped update; the loss and the embeddings."""
     embeddings, features = model(x, with_features=True)
@@ -245,18 +265,11 @@ class Trainer:
     def fit(self) -> Optional[dict]:
         """Train to the last epoch and evaluate; None when stopped early by stop_after_epoch, and on
         ranks other than 0."""
-        previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-        if self.cfg.deterministic:
-            # CPU scatter-adds (backward of indexing) otherwise vary in the last bits between runs
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
+        with deterministic_kernels(self.cfg.deterministic):
             results = self._fit()
             if self.world_size > 1:
                 dist.barrier()  # the job ends when rank 0 has written the results
             return results if self.rank == 0 else None
-        finally:
-            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
     def _fit(self) -> Optional[dict]:
         cfg = self.cfg
