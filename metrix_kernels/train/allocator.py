@@ -4,10 +4,10 @@ A training step allocates and frees the same large buffers every step (activatio
 Metrix the [M, C] / [M, d] buffers of the M mixed examples). glibc's default serves blocks from
 128 KiB up to an adaptive threshold by mmap and returns the top of its heap to the system once
 more than twice that threshold is free, so on the CPU each step faults the pages of its buffers
-in again: on the 2-core test machine some 800 page faults per Metrix/feature step, 2 to 3 ms of a
-15 ms step (bench/results/reproduction-digits.md). Fixed thresholds keep those pages mapped and
-reused, as a caching allocator does; the process keeps its peak heap instead of shrinking between
-steps. Used by metrix-train and the scripts that time its steps, never by the library itself:
+in again: on the 2-core test machine 670-840 page faults per Metrix/feature step of the digits
+model (60-80 per clean step), none with the settings below (bench/results/reproduction-digits.md).
+Fixed thresholds keep those pages mapped and reused, as a caching allocator does; the process
+keeps its peak heap instead of shrinking between steps. Used by metrix-train and the scripts that time its steps, never by the library itself:
 a process-wide setting is the application's choice.
 """
 from __future__ import annotations
