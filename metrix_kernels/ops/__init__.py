@@ -167,8 +167,8 @@ def _mixed_rows(mixup, plan, e, features, head, inputs, model, backend) -> torch
 
 def _mixed_stats(row: LossRow, terms: Terms, e, e_labels, labels, proxies, plan: MixPlan, mixup: str, features, head,
                  inputs, model, backend: str) -> torch.Tensor:
-    """The mixed loss's statistics [6, A] from the normalized batch e (labels e_labels: sorted as e is, for the Gram op);
-    labels are the batch's own, that plan.i / plan.j index."""
+    """The mixed loss's statistics [6, A] from the normalized batch e (labels e_labels: sorted as e
+    is, for the Gram op); labels are the batch's own, that plan.i / plan.j index."""
     if row.candidates == "proxies":
         # the mixed examples are the anchors; every proxy is a candidate with a soft label
         m = _mixed_rows(mixup, plan, e, features, head, inputs, model, backend)

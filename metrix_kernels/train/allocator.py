@@ -7,8 +7,8 @@ more than twice that threshold is free, so on the CPU each step faults the pages
 in again: on the 2-core test machine 670-840 page faults per Metrix/feature step of the digits
 model (60-80 per clean step), none with the settings below (bench/results/reproduction-digits.md).
 Fixed thresholds keep those pages mapped and reused, as a caching allocator does; the process
-keeps its peak heap instead of shrinking between steps. Used by metrix-train and the scripts that time its steps, never by the library itself:
-a process-wide setting is the application's choice.
+keeps its peak heap instead of shrinking between steps. Used by metrix-train and the scripts that
+time its steps, never by the library itself: a process-wide setting is the application's choice.
 """
 from __future__ import annotations
 
