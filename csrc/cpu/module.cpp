@@ -11,4 +11,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gram_mixed_backward", &metrix::gram_mixed_backward);
   m.def("mixpool_forward", &metrix::mixpool_forward);
   m.def("mixpool_backward", &metrix::mixpool_backward);
+  m.def("unit_rows_forward", &metrix::unit_rows_forward);
+  m.def("unit_rows_backward", &metrix::unit_rows_backward);
 }

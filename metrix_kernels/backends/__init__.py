@@ -40,6 +40,9 @@ Functions (R rows reduced over V columns):
     mixpool_forward(features [B, C, H, W], i [M], j [M], lam) -> (pooled [M, C], argmax [M, C] int32)
     mixpool_backward(grad_pooled [M, C], features, i, j, lam, argmax) -> grad_features [B, C, H, W]
         pooled = mean_hw(m) + max_hw(m) of m = lam * f_i + (1 - lam) * f_j, m never materialized.
+Optional (the ops layer uses torch ops where a backend has none):
+    unit_rows_forward(x [N, d]) -> (y = x / norm, norm = max(|x|, 1e-12) [N, 1])
+    unit_rows_backward(grad [N, d], y, norm) -> grad_x, the gradient of F.normalize(x, dim=-1)
 """
 from __future__ import annotations
 

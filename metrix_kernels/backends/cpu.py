@@ -148,6 +148,15 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam: f
     return grad_anchors.to(anchors.dtype), grad_emb.to(emb.dtype)
 
 
+def unit_rows_forward(x):
+    y, norm = _lib().unit_rows_forward(_native(x))
+    return y.to(x.dtype), norm
+
+
+def unit_rows_backward(grad, y, norm):
+    return _lib().unit_rows_backward(_native(grad).to(norm.dtype), _native(y).to(norm.dtype), norm).to(y.dtype)
+
+
 def mixpool_forward(features, i, j, lam: float):
     pooled, argmax = _lib().mixpool_forward(_native(features), _long(i), _long(j), float(lam))
     return pooled.to(features.dtype), argmax

@@ -39,26 +39,35 @@ def _work_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
 
 
 class _UnitRows(torch.autograd.Function):
-    """F.normalize(x, dim=-1), eps 1e-12, with a backward of two passes over x (autograd through
-    F.normalize takes about eight, a cost that shows on the [M, d] mixed rows)."""
+    """F.normalize(x, dim=-1), eps 1e-12, by the backend's own kernels where it has them
+    (unit_rows_forward / unit_rows_backward: one pass each way), else with a backward of two passes
+    over x (autograd through F.normalize takes about eight, a cost that shows on the [M, d] mixed rows)."""
 
     @staticmethod
-    def forward(ctx, x):
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
-        y = x / norm
+    def forward(ctx, x, kernels):
+        if kernels is not None:
+            y, norm = kernels.unit_rows_forward(x)
+        else:
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
+            y = x / norm
         ctx.save_for_backward(y, norm)
+        ctx.kernels = kernels
         return y
 
     @staticmethod
     def backward(ctx, grad):
         y, norm = ctx.saved_tensors
+        if ctx.kernels is not None:
+            return ctx.kernels.unit_rows_backward(grad, y, norm), None
         # d y / d x = (I - y y^T) / |x|, or I / eps where the norm is clamped (as torch's clamp_min)
         along = torch.linalg.vecdot(grad, y, dim=-1).unsqueeze(-1) * (norm > 1e-12)
-        return torch.addcmul(grad, y, along, value=-1).div_(norm)
+        return torch.addcmul(grad, y, along, value=-1).div_(norm), None
 
 
-def _normalize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return _UnitRows.apply(x.to(dtype))
+def _normalize(x: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    # compiled code traces the torch formula: the backend's kernels are not ops it can trace
+    kernels = None if torch.compiler.is_compiling() else backend_module(backend)
+    return _UnitRows.apply(x.to(dtype), kernels if hasattr(kernels, "unit_rows_forward") else None)
 
 
 def _config(row: LossRow, terms: Terms, member: int, plan: Optional[MixPlan] = None, mixed_rows=False):
@@ -75,14 +84,14 @@ def _assemble(row: LossRow, terms: Terms, stats: torch.Tensor, dtype) -> torch.T
     return loss.to(dtype)
 
 
-def _proxy_side(proxies: torch.Tensor, dtype: torch.dtype):
+def _proxy_side(proxies: torch.Tensor, dtype: torch.dtype, backend: str):
     classes = torch.arange(proxies.shape[0], device=proxies.device)
-    return _normalize(proxies, dtype), classes, torch.full_like(classes, -1)
+    return _normalize(proxies, dtype, backend), classes, torch.full_like(classes, -1)
 
 
 def clean_loss(row: LossRow, terms: Terms, embeddings, labels, proxies, backend: str) -> torch.Tensor:
     """reference.clean_loss on a fused backend."""
-    e = _normalize(embeddings, _work_dtype(embeddings.dtype, backend))
+    e = _normalize(embeddings, _work_dtype(embeddings.dtype, backend), backend)
     return _assemble(row, terms, _clean_stats(row, terms, e, labels, proxies, backend), embeddings.dtype)
 
 
@@ -135,18 +144,18 @@ def _normalized(row: LossRow, embeddings, labels, plan: MixPlan, mixup: str, bac
     if _by_gram(row, plan, mixup) and plan.pair_set in ("pos-neg", "anc-neg"):
         order = torch.argsort(labels, stable=True)
         embeddings, labels = embeddings[order], labels[order]
-    return _normalize(embeddings, _work_dtype(embeddings.dtype, backend)), labels
+    return _normalize(embeddings, _work_dtype(embeddings.dtype, backend), backend), labels
 
 
 def _clean_stats(row: LossRow, terms: Terms, e, labels, proxies, backend: str) -> torch.Tensor:
     """The clean loss's statistics [6, A] from the normalized batch e."""
     index = torch.arange(labels.shape[0], device=labels.device)
     if row.anchors == "proxies":
-        p, classes, none = _proxy_side(proxies, e.dtype)
+        p, classes, none = _proxy_side(proxies, e.dtype, backend)
         stats = pairwise(p, (classes, classes), none, e, (labels, labels), index, 1.0,
                          _config(row, terms, MEMBER_ALL), backend)
     elif row.candidates == "proxies":
-        p, classes, none = _proxy_side(proxies, e.dtype)
+        p, classes, none = _proxy_side(proxies, e.dtype, backend)
         stats = pairwise(e, (labels, labels), index, p, (classes, classes), none, 1.0,
                          _config(row, terms, MEMBER_ALL), backend)
     else:
@@ -159,10 +168,10 @@ def _mixed_rows(mixup, plan, e, features, head, inputs, model, backend) -> torch
     """The normalized [M, d] mixed embeddings (feature and input mixup; embedding mixup only for
     proxy-candidate losses, whose anchors are the mixed examples themselves); e is the normalized batch."""
     if mixup == "embedding":
-        return _normalize(plan.lam * e[plan.i] + (1.0 - plan.lam) * e[plan.j], e.dtype)
+        return _normalize(plan.lam * e[plan.i] + (1.0 - plan.lam) * e[plan.j], e.dtype, backend)
     if mixup == "feature":
-        return _normalize(head(mixpool(features, plan.i, plan.j, plan.lam, backend)), e.dtype)
-    return _normalize(model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]), e.dtype)
+        return _normalize(head(mixpool(features, plan.i, plan.j, plan.lam, backend)), e.dtype, backend)
+    return _normalize(model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]), e.dtype, backend)
 
 
 def _mixed_stats(row: LossRow, terms: Terms, e, e_labels, labels, proxies, plan: MixPlan, mixup: str, features, head,
@@ -172,13 +181,13 @@ def _mixed_stats(row: LossRow, terms: Terms, e, e_labels, labels, proxies, plan:
     if row.candidates == "proxies":
         # the mixed examples are the anchors; every proxy is a candidate with a soft label
         m = _mixed_rows(mixup, plan, e, features, head, inputs, model, backend)
-        p, classes, none = _proxy_side(proxies, m.dtype)
+        p, classes, none = _proxy_side(proxies, m.dtype, backend)
         return pairwise(m, (labels[plan.i], labels[plan.j]), plan.i, p, (classes, classes), none, plan.lam,
                         _config(row, terms, MEMBER_ALL, plan, mixed_rows=True), backend)
     rule = MEMBER_RULES[plan.pair_set]
     if row.anchors == "proxies":
         # a proxy stands for its whole class: anc-neg is pos-neg, and no per-anchor mask applies
-        anchors, anchor_labels, anchor_index = _proxy_side(proxies, e.dtype)
+        anchors, anchor_labels, anchor_index = _proxy_side(proxies, e.dtype, backend)
         rule = MEMBER_POS_NEG if rule == MEMBER_ANC_NEG else rule
         member_mask = None
     else:
