@@ -12,7 +12,7 @@ from metrix_kernels.ops import _normalize, pairwise
 from metrix_kernels.pairs import rule_member, soft_labels
 
 from .conftest import EXAMPLES
-from .helpers import LAMS, PARAMS, batches, close, grads, leaves, loss
+from .helpers import LAMS, batches, close, grads, leaves, loss
 
 SIGMAS = ["contrastive", "lifted_structure", "binomial_deviance", "multi_similarity", "nca"]  # every form x input
 
