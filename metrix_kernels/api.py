@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from . import distributed, reference
-from .family import loss_row, resolve
+from .family import resolve
 from .pairs import (
     DEFAULT_PAIRS,
     MixPlan,
