@@ -17,7 +17,7 @@ import sys
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts; larger blocks still come from mmap
+MMAP_THRESHOLD = 32 << 20  # the most glibc's own adaptive threshold reaches; larger blocks still come from mmap
 TRIM_THRESHOLD = 1 << 30
 
 
