@@ -143,7 +143,7 @@ at::Tensor mixpool_backward(at::Tensor grad_pooled, at::Tensor features, at::Ten
     const bool by_compare = HW <= kCompareHW;
 #pragma omp parallel
     {
-      std::vector<scalar_t> mean(C);
+      std::vector<scalar_t> mean(by_compare ? 0 : C);  // the scatter path's
 #pragma omp for schedule(dynamic)
       for (int64_t b = 0; b < B; ++b) {
         scalar_t* o = out + b * C * HW;
