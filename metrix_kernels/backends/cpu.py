@@ -72,6 +72,18 @@ def _long(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.int64 and x.is_contiguous() else x.to(torch.int64).contiguous()
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a no-op .to() still costs microseconds of argument parsing, some thirty times per loss call
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _native_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides in one native dtype (the promotion of theirs)."""
+    a, b = _native(a), _native(b)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return _as(a, dtype), _as(b, dtype)
+
+
 # op -> (weak references to the input tensors, their versions, scalars, products): see the module
 # docstring. Weak, so that a forward never followed by backward does not keep its autograd graph.
 _kept: dict = {}
@@ -93,10 +105,10 @@ def _take(op: str, inputs: tuple, scalars: tuple) -> list:
 
 def _pairwise_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index, lam, cfg,
                    member_mask):
-    dtype = torch.promote_types(_native(rows).dtype, _native(cols).dtype)
+    rows, cols = _native_pair(rows, cols)
     return (
-        _native(rows).to(dtype), _long(row_label_i), _long(row_label_j), _long(row_index),
-        _native(cols).to(dtype), _long(col_label_i), _long(col_label_j), _long(col_index),
+        rows, _long(row_label_i), _long(row_label_j), _long(row_index),
+        cols, _long(col_label_i), _long(col_label_j), _long(col_index),
         float(lam), _sigma(cfg.sigma_pos), _sigma(cfg.sigma_neg), int(cfg.member), int(cfg.label_mode),
         bool(cfg.mixed_rows), None if member_mask is None else member_mask.to(torch.bool).contiguous(),
     )
@@ -118,14 +130,13 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
     kept = _take("pairwise", (rows, cols), ())
     grad_rows, grad_cols = _lib().pairwise_backward(*args, stats.detach(), grad_pos_sum.detach(), grad_neg_sum.detach(),
                                                     rows is cols, kept[0] if kept else None)
-    return grad_rows.to(rows.dtype), grad_cols.to(cols.dtype)
+    return _as(grad_rows, rows.dtype), _as(grad_cols, cols.dtype)
 
 
 def _gram_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
     # example anchors: the anchor similarities are rows of the Gram matrix (one product less)
     same = anchors is emb
-    dtype = torch.promote_types(_native(anchors).dtype, _native(emb).dtype)
-    anchors, emb = _native(anchors).to(dtype), _native(emb).to(dtype)
+    anchors, emb = _native_pair(anchors, emb)
     return (
         anchors, _long(anchor_label), _long(anchor_index), emb, _long(labels), float(lam), _sigma(cfg.sigma_pos),
         _sigma(cfg.sigma_neg), int(cfg.member), int(cfg.label_mode), same,
@@ -145,25 +156,26 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam: f
     kept = _take("gram", (anchors, emb, labels), (float(lam),))
     grad_anchors, grad_emb = _lib().gram_mixed_backward(*args, stats.detach(), grad_pos_sum.detach(),
                                                         grad_neg_sum.detach(), kept)
-    return grad_anchors.to(anchors.dtype), grad_emb.to(emb.dtype)
+    return _as(grad_anchors, anchors.dtype), _as(grad_emb, emb.dtype)
 
 
 def unit_rows_forward(x):
     y, norm = _lib().unit_rows_forward(_native(x))
-    return y.to(x.dtype), norm
+    return _as(y, x.dtype), norm
 
 
 def unit_rows_backward(grad, y, norm):
-    return _lib().unit_rows_backward(_native(grad).to(norm.dtype), _native(y).to(norm.dtype), norm).to(y.dtype)
+    grad_x = _lib().unit_rows_backward(_as(_native(grad), norm.dtype), _as(_native(y), norm.dtype), norm)
+    return _as(grad_x, y.dtype)
 
 
 def mixpool_forward(features, i, j, lam: float):
     pooled, argmax = _lib().mixpool_forward(_native(features), _long(i), _long(j), float(lam))
-    return pooled.to(features.dtype), argmax
+    return _as(pooled, features.dtype), argmax
 
 
 def mixpool_backward(grad_pooled, features, i, j, lam: float, argmax):
     f = _native(features)
-    grad = _lib().mixpool_backward(grad_pooled.detach().to(f.dtype).contiguous(), f, _long(i), _long(j), float(lam),
-                                   argmax.to(torch.int32).contiguous())
-    return grad.to(features.dtype)
+    grad = _lib().mixpool_backward(_as(grad_pooled.detach(), f.dtype).contiguous(), f, _long(i), _long(j), float(lam),
+                                   _as(argmax, torch.int32).contiguous())
+    return _as(grad, features.dtype)
