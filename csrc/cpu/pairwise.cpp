@@ -92,8 +92,8 @@ void row_grad(const Sigma& sp, const Sigma& sn, T* sim, int64_t cn, const RowPai
 // (every member's i is the row's index): rows and columns fall into groups by that key, and a row
 // meets only the columns of its group. The grouped path forms just those similarities, by dot
 // products: under pos-neg it skips the (K - 1) / K of the pairs between groups (K classes in the
-// batch), under anc-neg all but the row's own mixes. Groups share no row and no column, so the
-// backward runs group by group with no two threads writing one gradient row.
+// batch), under anc-neg all but the row's own mixes. Groups share no row and no column: a backward
+// work item (part of one group's columns) owns its columns' gradients.
 struct Groups {
   std::vector<int64_t> rows, cols;             // row and column ids, group by group
   std::vector<int64_t> row_start, col_start;   // group g: rows[row_start[g] : row_start[g + 1]], same for cols
