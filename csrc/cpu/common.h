@@ -19,18 +19,12 @@ enum Of { OF_S = 0, OF_D = 1, OF_D2 = 2 };
 enum Member { ALL = 0, ALL_BUT_SELF = 1, POS_NEG = 2, ANC_NEG = 3, POS_POS = 4, NEG_NEG = 5 };
 enum LabelMode { INTERPOLATE = 0, NEGATIVE = 1, DOMINANT = 2 };
 
-// One 32-byte vector (8 floats or 4 doubles) as a GCC vector type, for loops whose vector form
-// the compiler does not find by itself: selects kept in registers, sums kept in registers across
-// rows.
+// One 32-byte vector of T (8 floats, 4 doubles, 8 int32) as a GCC vector type, for loops whose
+// vector form the compiler does not find by itself: selects kept in registers, sums kept in
+// registers across rows.
 template <typename T>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Lanes<double> {
-  typedef double type __attribute__((vector_size(32)));
+struct Lanes {
+  typedef T type __attribute__((vector_size(32)));
 };
 
 // out[0:d] += sum_n coef_n * row_n[0:d] over n < count, (coef_n, row_n) = term(n): the sum stays

@@ -257,7 +257,9 @@ std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor ancho
   auto dGs = private_dG ? dG.sum(0) : dG[0];
   dispatch(emb, [&](auto zero) { add_transpose(dGs.data_ptr<decltype(zero)>(), L.B); });
   auto grad_sorted = at::mm(dGs, L.emb_s);
-  if (same) return {at::zeros({}, anchors.options()).expand_as(anchors), L.unsort(grad_sorted)};  // dS is in dG: the whole gradient
+  if (same) {  // dS is in dG: the whole gradient, and memory-free zeros for the other side
+    return {at::zeros({}, anchors.options()).expand_as(anchors), L.unsort(grad_sorted)};
+  }
   grad_sorted.addmm_(dS.t(), anchors);
   return {at::mm(dS, L.emb_s), L.unsort(grad_sorted)};
 }

@@ -37,20 +37,12 @@ template <typename T, typename V>
 // beyond it by a scalar store at the argmax of each channel.
 constexpr int64_t kCompareHW = 8;
 
-// Integer vectors as wide as Lanes<T>'s, so that a compare of argmax lanes selects lanes of V.
+// Integers as wide as T, so that a compare of argmax lanes selects lanes of a Lanes<T> vector.
 template <typename T>
-struct SameWidthInt;
-template <>
-struct SameWidthInt<float> {
-  typedef int32_t type __attribute__((vector_size(32)));
-};
-template <>
-struct SameWidthInt<double> {
-  typedef int64_t type __attribute__((vector_size(32)));
-};
+using SameWidthInt = Lanes<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>>;
 
-inline void widen(const int32_t* at, SameWidthInt<float>::type& out) { std::memcpy(&out, at, sizeof out); }
-inline void widen(const int32_t* at, SameWidthInt<double>::type& out) {
+inline void widen(const int32_t* at, Lanes<int32_t>::type& out) { std::memcpy(&out, at, sizeof out); }
+inline void widen(const int32_t* at, Lanes<int64_t>::type& out) {
   for (int l = 0; l < 4; ++l) out[l] = at[l];
 }
 
