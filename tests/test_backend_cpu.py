@@ -218,12 +218,31 @@ def test_mixpool(dtype, batch, pairs, channels, height, width, lam, seed):
     pooled, argmax = cpu.mixpool_forward(features.to(dtype), i, j, lam)
     f64 = features.clone().requires_grad_(True)
     expected = reference.pool(lam * f64[i] + (1 - lam) * f64[j])
-    assert argmax.dtype == torch.int32 and pooled.dtype == dtype
+    assert argmax.dtype == cpu.mixpool_argmax_dtype(height * width) and pooled.dtype == dtype
     close(pooled, expected.detach(), dtype)
     grad_pooled = torch.randn(pairs, channels, generator=gen, dtype=torch.float64)
     grad = cpu.mixpool_backward(grad_pooled.to(dtype), features.to(dtype), i, j, lam, argmax)
     (want,) = torch.autograd.grad((expected * grad_pooled).sum(), (f64,))
     close(grad, want, dtype)
+
+
+@built
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("height, width", [(16, 16), (16, 17)])
+def test_mixpool_argmax_widths(dtype, height, width):
+    """Maps of up to 256 positions keep their argmax as uint8, larger ones as int32 (and take the
+    backward's scatter path): the same gradient either way."""
+    gen = torch.Generator().manual_seed(height * width)
+    features = torch.randn(3, 11, height, width, generator=gen, dtype=torch.float64)
+    i, j = torch.tensor([0, 1, 2, 2, 0]), torch.tensor([1, 1, 0, 2, 2])
+    pooled, argmax = cpu.mixpool_forward(features.to(dtype), i, j, 0.3)
+    assert argmax.dtype == (torch.uint8 if height * width <= 256 else torch.int32)
+    f64 = features.clone().requires_grad_(True)
+    expected = reference.pool(0.3 * f64[i] + 0.7 * f64[j])
+    close(pooled, expected.detach(), dtype)
+    grad_pooled = torch.randn(5, 11, generator=gen, dtype=torch.float64)
+    (want,) = torch.autograd.grad((expected * grad_pooled).sum(), (f64,))
+    close(cpu.mixpool_backward(grad_pooled.to(dtype), features.to(dtype), i, j, 0.3, argmax), want, dtype)
 
 
 @built

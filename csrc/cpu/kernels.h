@@ -20,7 +20,7 @@ std::vector<at::Tensor> gram_mixed_backward(at::Tensor, at::Tensor, at::Tensor, 
                                                at::Tensor, double, std::vector<double>, std::vector<double>,
                                                int64_t, int64_t, bool, at::Tensor, at::Tensor, at::Tensor,
                                                std::vector<at::Tensor>);
-std::vector<at::Tensor> mixpool_forward(at::Tensor, at::Tensor, at::Tensor, double);
+std::vector<at::Tensor> mixpool_forward(at::Tensor, at::Tensor, at::Tensor, double, bool);
 at::Tensor mixpool_backward(at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, at::Tensor);
 std::vector<at::Tensor> unit_rows_forward(at::Tensor);
 at::Tensor unit_rows_backward(at::Tensor, at::Tensor, at::Tensor);

@@ -37,10 +37,12 @@ Functions (R rows reduced over V columns):
         n_ij = max(sqrt(lam^2 + (1 - lam)^2 + 2 lam (1 - lam) <e_i, e_j>), 1e-12).
     Where one tensor is both sides (rows is cols, anchors is emb), a backend may return the sum of the
     two gradients in one of them and zeros in the other: autograd only ever sees their sum.
-    mixpool_forward(features [B, C, H, W], i [M], j [M], lam) -> (pooled [M, C], argmax [M, C] int32)
+    mixpool_forward(features [B, C, H, W], i [M], j [M], lam) -> (pooled [M, C], argmax [M, C])
     mixpool_backward(grad_pooled [M, C], features, i, j, lam, argmax) -> grad_features [B, C, H, W]
-        pooled = mean_hw(m) + max_hw(m) of m = lam * f_i + (1 - lam) * f_j, m never materialized.
+        pooled = mean_hw(m) + max_hw(m) of m = lam * f_i + (1 - lam) * f_j, m never materialized;
+        argmax (the first maximum's position in H*W) is int32, or of mixpool_argmax_dtype(H * W).
 Optional (the ops layer uses torch ops where a backend has none):
+    mixpool_argmax_dtype(positions) -> the integer dtype of the backend's argmax (default int32)
     unit_rows_forward(x [N, d]) -> (y = x / norm, norm = max(|x|, 1e-12) [N, 1])
     unit_rows_backward(grad [N, d], y, norm) -> grad_x, the gradient of F.normalize(x, dim=-1)
 """

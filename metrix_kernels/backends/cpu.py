@@ -169,13 +169,19 @@ def unit_rows_backward(grad, y, norm):
     return _as(grad_x, y.dtype)
 
 
+def mixpool_argmax_dtype(positions: int) -> torch.dtype:
+    """uint8 positions where H*W fits (a quarter of int32's memory traffic), else int32."""
+    return torch.uint8 if positions <= 256 else torch.int32
+
+
 def mixpool_forward(features, i, j, lam: float):
-    pooled, argmax = _lib().mixpool_forward(_native(features), _long(i), _long(j), float(lam))
+    small = mixpool_argmax_dtype(features.shape[2] * features.shape[3]) == torch.uint8
+    pooled, argmax = _lib().mixpool_forward(_native(features), _long(i), _long(j), float(lam), small)
     return _as(pooled, features.dtype), argmax
 
 
 def mixpool_backward(grad_pooled, features, i, j, lam: float, argmax):
     f = _native(features)
     grad = _lib().mixpool_backward(_as(grad_pooled.detach(), f.dtype).contiguous(), f, _long(i), _long(j), float(lam),
-                                   _as(argmax, torch.int32).contiguous())
+                                   argmax.contiguous())
     return _as(grad, features.dtype)

@@ -13,7 +13,9 @@ def _forward(features: Tensor, i: Tensor, j: Tensor, lam: float, backend: str) -
 
 def _forward_fake(features, i, j, lam, backend):
     shape = (i.shape[0], features.shape[1])
-    return features.new_empty(shape), features.new_empty(shape, dtype=torch.int32)
+    argmax_dtype = getattr(backend_module(backend), "mixpool_argmax_dtype", lambda positions: torch.int32)
+    positions = features.shape[2] * features.shape[3]
+    return features.new_empty(shape), features.new_empty(shape, dtype=argmax_dtype(positions))
 
 
 def _backward_kernel(grad_pooled: Tensor, features: Tensor, i: Tensor, j: Tensor, lam: float, argmax: Tensor,

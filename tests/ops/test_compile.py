@@ -1,15 +1,26 @@
-"""torch.compile traces the custom ops through their fake implementations (no graph breaks)."""
+"""torch.compile traces the custom ops through their fake implementations (no graph breaks), and the
+fakes declare what the kernels return (torch.library.opcheck)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from metrix_kernels import ops
+from metrix_kernels.backends import MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig, cpu
+from metrix_kernels.ops._dispatch import flatten
 from metrix_kernels.pairs import MixPlan, batch_pairs
 
 from .helpers import close, grads, leaves, loss
 
 
-def test_compiled_ops_match_eager(device):
+def _skip_unusable(backend, device):
+    if backend == "cpu" and (device != "cpu" or not cpu.available()):
+        pytest.skip("the cpu backend takes CPU tensors, from the built extension")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_compiled_ops_match_eager(device, backend):
+    _skip_unusable(backend, device)
     row, terms = loss("multi_similarity")
     gen = torch.Generator().manual_seed(3)
     labels = torch.randint(3, (9,), generator=gen).to(device)
@@ -19,9 +30,9 @@ def test_compiled_ops_match_eager(device):
     head = torch.randn(5, 4, generator=gen).to(device)
 
     def total(emb, feats):
-        clean = ops.clean_loss(row, terms, emb, labels, None, "triton")
-        mixed = ops.mixed_loss(row, terms, emb, labels, None, plan, "embedding", backend="triton")
-        pooled = ops.mixpool(feats, plan.i, plan.j, plan.lam, "triton")
+        clean = ops.clean_loss(row, terms, emb, labels, None, backend)
+        mixed = ops.mixed_loss(row, terms, emb, labels, None, plan, "embedding", backend=backend)
+        pooled = ops.mixpool(feats, plan.i, plan.j, plan.lam, backend)
         return clean + mixed + (pooled @ head.T).square().mean()
 
     compiled = torch.compile(total, backend="aot_eager", fullgraph=True)
@@ -32,3 +43,26 @@ def test_compiled_ops_match_eager(device):
     close(got, want)
     for x, y in zip(grads(got, a), grads(want, b)):
         close(x, y)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("positions", [(2, 2), (16, 17)])  # the cpu backend's uint8 and int32 argmax
+def test_fakes_match_kernels(device, backend, positions):
+    _skip_unusable(backend, device)
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.randint(3, (7,), generator=gen).to(device)
+    index = torch.arange(7, device=device)
+    emb = torch.nn.functional.normalize(torch.randn(7, 5, generator=gen), dim=1).to(device).requires_grad_(True)
+    features = torch.randn(7, 3, *positions, generator=gen).to(device).requires_grad_(True)
+    i, j = batch_pairs(labels, "pos-neg")
+    _, terms = loss("multi_similarity")
+    flat = flatten(KernelConfig(terms.sigma_pos, terms.sigma_neg, MEMBER_ALL_BUT_SELF))
+    mixed = flatten(KernelConfig(terms.sigma_pos, terms.sigma_neg, MEMBER_RULES["pos-neg"]))
+    checks = {
+        torch.ops.metrix.pairwise.default: (emb, labels, labels, index, emb, labels, labels, index, None, 1.0, *flat,
+                                            backend),
+        torch.ops.metrix.gram_mixed.default: (emb, labels, index, emb, labels, 0.3, *mixed, backend),
+        torch.ops.metrix.mixpool.default: (features, i, j, 0.3, backend),
+    }
+    for op, args in checks.items():
+        torch.library.opcheck(op, args)
