@@ -52,14 +52,31 @@ struct RowPairs {
   int64_t n = 0;
   double mass_p = 0.0, mass_n = 0.0;
   T tab[4][5];  // wp, lwp, wn, lwn by pair code
+  const int64_t* last_ids = nullptr;  // what fill_group last filled for
+  int64_t last_cn = 0, last_z = 0;
 
   RowPairs(const Pairs& P, int64_t cols) : col(cols), code(cols), s(cols), wp(cols), lwp(cols), wn(cols), lwn(cols) {
     for (int k = 0; k < 5; ++k)
       tab[0][k] = T(P.pos[k].w), tab[1][k] = T(P.pos[k].lw), tab[2][k] = T(P.neg[k].w), tab[3][k] = T(P.neg[k].lw);
   }
 
+  // fill for columns ids of a group (Groups below). When the last fill was of the same columns for
+  // a row of the same label, the members, codes and weights are the same and only the similarities
+  // are gathered again: the rows of a pos-neg or pos-pos group all have its label, and the index
+  // that anc-neg membership depends on is the group's key, the same for all its rows.
+  void fill_group(const Pairs& P, int64_t r, int64_t cn, const T* sim, const int64_t* ids) {
+    const int64_t z = P.rli[r];
+    if (ids == last_ids && cn == last_cn && z == last_z) {
+      for (int64_t m = 0; m < n; ++m) s[m] = sim[col[m]];
+      return;
+    }
+    fill(P, r, 0, cn, sim, ids);
+    last_ids = ids, last_cn = cn, last_z = z;
+  }
+
   // the columns are c0 + k, or ids[k] when ids is given (a group's columns)
   void fill(const Pairs& P, int64_t r, int64_t c0, int64_t cn, const T* sim, const int64_t* ids = nullptr) {
+    last_ids = nullptr;
     n = 0;
     for (int64_t k = 0; k < cn; ++k) {  // branch-free compaction
       const int x = P.code(r, ids ? ids[k] : c0 + k);
@@ -241,7 +258,7 @@ std::vector<at::Tensor> pairwise_forward(at::Tensor rows, at::Tensor rli, at::Te
           const int64_t* ids = G.cols.data() + G.col_start[g];
           const int64_t cn = G.col_start[g + 1] - G.col_start[g];
           dots(x + r * d, y, ids, cn, d, sim.data());
-          w.fill(P, r, 0, cn, sim.data(), ids);
+          w.fill_group(P, r, cn, sim.data(), ids);
           tp[r].mass += w.mass_p, tn[r].mass += w.mass_n;
           reduce_term(sp, w.s.data(), w.wp.data(), w.lwp.data(), w.n, tp[r]);
           reduce_term(sn, w.s.data(), w.wn.data(), w.lwn.data(), w.n, tn[r]);
@@ -319,7 +336,7 @@ std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::T
             const int64_t r = G.rows[n0 + n];
             scalar_t* dsr = ds.data() + n * cn;
             dots(x + r * d, y, ids, cn, d, dsr);
-            w.fill(P, r, 0, cn, dsr, ids);
+            w.fill_group(P, r, cn, dsr, ids);
             row_grad<scalar_t>(sp, sn, dsr, cn, w, lse_p[r], lse_n[r], gp[r], gn[r], scratch.data());
             add_weighted_rows(gx_own.data() + r * d, d, w.n, [&](int64_t m) {  // members only: the others are 0
               const int64_t k = w.col[m];
