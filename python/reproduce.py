@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from metrix_kernels.train import Trainer
+from metrix_kernels.train.allocator import keep_freed_memory
 from metrix_kernels.train.cli import parser as train_parser
 from metrix_kernels.train.cli import resolve
 
@@ -124,6 +125,7 @@ def write(args, results: dict, seconds: float) -> str:
 
 def main() -> None:
     args = arguments()
+    keep_freed_memory()  # as metrix-train runs
     start = time.time()
     results = {}
     for seed in args.seeds.split(","):  # seed-major: a cut-short grid still covers every cell

@@ -9,6 +9,8 @@ system and the step touched again).
     python python/step_time.py [--steps 30] [--batch-size 60] [--loss multi_similarity] [--backend auto]
     python python/step_time.py --model resnet50 --batch-size 100 --image-size 224 --device cuda
       (synthetic images, labels drawn from 100 classes like a random CUB batch; needs no dataset)
+
+The process takes metrix-train's malloc settings (train/allocator.py) unless --default-malloc.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 
 from metrix_kernels import MetrixLoss
 from metrix_kernels.train import Config, Trainer
+from metrix_kernels.train.allocator import keep_freed_memory
 from metrix_kernels.train.loop import deterministic_kernels, train_step
 from metrix_kernels.train.model import build_model
 
@@ -62,7 +65,9 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--default-malloc", action="store_true", help="glibc's default thresholds, not metrix-train's")
     args = p.parse_args()
+    malloc = "default malloc" if args.default_malloc or not keep_freed_memory() else "metrix-train's malloc settings"
     if args.threads:
         torch.set_num_threads(args.threads)
     mixups = [None if m == "none" else m for m in args.mixups.split(",")]
@@ -89,7 +94,7 @@ def main() -> None:
     clean = np.median(times[None]) if None in times else None
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU"
     print(f"{where}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; {args.model}, "
-          f"batch {args.batch_size}, loss {args.loss}, backend {args.backend}, {args.steps} steps")
+          f"batch {args.batch_size}, loss {args.loss}, backend {args.backend}, {args.steps} steps, {malloc}")
     for m, t in times.items():
         ratio = f"  {np.median(t) / clean:.2f}x clean" if clean else ""
         print(f"  {str(m or 'clean'):10s} median {1000 * np.median(t):7.1f} ms  (p25 {1000 * np.percentile(t, 25):.1f}, "

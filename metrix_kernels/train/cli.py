@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..family import FAMILY
 from ..pairs import DEFAULT_PAIRS, LABEL_MODES, PAIR_SETS
+from .allocator import keep_freed_memory
 from .data import DATASETS
 from .loop import Config, Trainer, init_distributed
 from .model import BACKBONES
@@ -118,6 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         print(json.dumps(asdict(config), indent=2))
         return 0
+    keep_freed_memory()
     distributed = init_distributed(config.device)  # under torchrun: one process per device
     try:
         results = Trainer(config, resume=args.resume).fit()
