@@ -4,10 +4,10 @@ A training step allocates and frees the same large buffers every step (activatio
 Metrix the [M, C] / [M, d] buffers of the M mixed examples). glibc's default serves blocks from
 128 KiB up to an adaptive threshold by mmap and returns the top of its heap to the system once
 more than twice that threshold is free, so on the CPU each step faults the pages of its buffers
-in again: on the 2-core test machine 300-550 page faults per Metrix/feature step of the digits
-model, 60-150 per clean step, about none with the settings below. There a fault costs
-microseconds, and over seven alternating pairs of runs the settings took the feature step from
-1.25x-1.27x of the clean step to 1.21x-1.25x (bench/results/reproduction-digits.md).
+in again: on the 2-core test machine 300-510 page faults per Metrix/feature step of the digits
+model, 60-180 per clean step, about none with the settings below. There a fault costs
+microseconds, and over ten alternating pairs of runs the settings took the feature step from
+1.25x-1.28x of the clean step to 1.21x-1.25x (bench/results/reproduction-digits.md).
 Fixed thresholds keep those pages mapped and reused, as a caching allocator does: the process
 keeps up to TRIM_THRESHOLD of freed heap instead of shrinking between steps. Used by metrix-train
 and the scripts that time its steps, never by the library itself: a process-wide setting is the
