@@ -37,11 +37,13 @@ class Sigma:
     shift: float
 
     def argument(self, s: torch.Tensor) -> torch.Tensor:
-        """scale * t(s) + shift, differentiable; d has a zero gradient at d = 0 (like torch.cdist)."""
+        """scale * t(s) + shift, differentiable; d and d2 have a zero gradient where they are 0 (d like
+        torch.cdist; d2 written out, as torch's clamp_min has changed what it passes at its bound)."""
         if self.of == "s":
             t = s
         elif self.of == "d2":
-            t = (2.0 - 2.0 * s).clamp_min(0.0)
+            x = 2.0 - 2.0 * s
+            t = torch.where(x > 0, x, torch.zeros_like(x))
         else:
             t = sphere_distance(s)
         return self.scale * t + self.shift

@@ -91,7 +91,7 @@ inline Sigma sigma_from(const std::vector<double>& v) {
 [[gnu::always_inline]] inline double fast_exp(double x) { return x >= -745.0 ? std::exp(x) : 0.0; }  // 0 for NaN = -inf - -inf
 
 // x = scale * t(s) + shift and dx/ds, t in {s, d = sqrt(max(2 - 2s, 0)), d2 = max(2 - 2s, 0)};
-// the derivative of d is 0 at d = 0 and that of d2 follows torch's clamp_min (kept at the clamp).
+// the derivatives of d and d2 are 0 where they are 0 (family.Sigma.argument).
 // OF is a template argument so that the loops over a row are branch-free and vectorize.
 template <int OF, typename T>
 [[gnu::always_inline]] inline T argument(T s, T scale, T shift) {
@@ -104,7 +104,7 @@ template <int OF, typename T>
 [[gnu::always_inline]] inline T argument_grad(T s, T scale) {
   if (OF == OF_S) return scale;
   const T u = T(2) - T(2) * s;
-  if (OF == OF_D2) return u >= T(0) ? T(-2) * scale : T(0);
+  if (OF == OF_D2) return u > T(0) ? T(-2) * scale : T(0);
   return u > T(0) ? -scale / std::sqrt(std::max(u, T(1e-30))) : T(0);
 }
 

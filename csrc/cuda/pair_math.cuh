@@ -48,12 +48,11 @@ MX_HD float sigma_input(int of, float s) {
   return x > 0.0f ? x * fast_rsqrt(x) : 0.0f;
 }
 
-// dt/ds as the reference differentiates it: d'(0) = 0 (family.sphere_distance), d2 through
-// clamp_min, which passes the gradient where 2 - 2s >= 0.
+// dt/ds as the reference differentiates it (family.Sigma.argument): 0 where d or d2 is 0.
 MX_HD float sigma_input_grad(int of, float s) {
   if (of == IN_S) return 1.0f;
   float x = 2.0f - 2.0f * s;
-  if (of == IN_D2) return x >= 0.0f ? -2.0f : 0.0f;
+  if (of == IN_D2) return x > 0.0f ? -2.0f : 0.0f;
   return x > 0.0f ? -fast_rsqrt(x) : 0.0f;
 }
 

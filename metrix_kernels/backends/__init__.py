@@ -10,7 +10,7 @@ Per-row statistics (``family.TermStats``), returned as one tensor ``stats`` [6, 
     2 pos_mass  sum_v w_pos          3 neg_mass  sum_v w_neg
     4 pos_nnz   #{v: w_pos > 0 and sigma_pos(x) > 0}   5 neg_nnz  (only needed when cfg.count_nonzero)
 with x = sigma.scale * t(s) + sigma.shift, t in {s, d = sqrt(max(2 - 2s, 0)), d2 = max(2 - 2s, 0)}
-and the derivative of d taken as 0 where d = 0.
+and the derivatives of d and d2 taken as 0 where they are 0.
 
 Pair weights. One side of a pair may be a mixed example with pair labels (label_i, label_j) and
 index i; the other side is clean with label z and batch index a (-1 for a proxy). The soft label is

@@ -7,11 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metrix_kernels import reference
-from metrix_kernels.backends import LABEL_CODES, MEMBER_ALL, MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig
+from metrix_kernels.backends import LABEL_CODES, MEMBER_ALL, MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig, cpu, cuda
 from metrix_kernels.ops import _normalize, pairwise
 from metrix_kernels.pairs import rule_member, soft_labels
 
-from .conftest import EXAMPLES
+from .conftest import DEVICE, EXAMPLES
 from .helpers import LAMS, batches, close, grads, leaves, loss
 
 SIGMAS = ["contrastive", "lifted_structure", "binomial_deviance", "multi_similarity", "nca"]  # every form x input
@@ -101,3 +101,31 @@ def test_normalize_matches_torch(rows, d, scale, dtype, backend, seed):
     size = float(g.abs().max()) / max(float(x.norm(dim=1).min()), 1e-12)
     torch.testing.assert_close(torch.autograd.grad(ours, a, g)[0].double(), torch.autograd.grad(theirs, b, g.double())[0],
                                rtol=tol, atol=tol * size)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "cuda"])
+def test_d2_gradient_at_zero_distance(backend):
+    """s = 1 exactly, where d2 = max(2 - 2s, 0) has a kink: every backend takes the reference's
+    derivative there, 0 (torch's own clamp_min has passed 1 or 0 at its bound, by version). Only
+    visible at the op level: through the normalization of the inputs, the gradient along the row
+    itself is projected away."""
+    if backend == "cpu" and (DEVICE != "cpu" or not cpu.available()):
+        pytest.skip("the cpu backend takes CPU tensors, from the built extension")
+    if backend == "cuda" and (DEVICE != "cuda" or not cuda.available()):
+        pytest.skip("the cuda backend needs a GPU and the built extension")
+    _, terms = loss("nca")  # exp(-d2) on both terms
+    rows = torch.tensor([[1.0, 0.0, 0.0]], device=DEVICE)
+    cols = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]], device=DEVICE)  # unit rows: s = 1 and 0 exactly
+    row_y, col_y = torch.tensor([0], device=DEVICE), torch.tensor([0, 1], device=DEVICE)
+    row_idx, col_idx = torch.tensor([0], device=DEVICE), torch.tensor([1, 2], device=DEVICE)
+    cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, MEMBER_ALL, LABEL_CODES["interpolate"], False, False)
+    r, c = leaves(rows, cols)
+    stats = pairwise(r, (row_y, row_y), row_idx, c, (col_y, col_y), col_idx, 1.0, cfg, backend)
+    r64, c64 = leaves(rows, cols, dtype=torch.float64)
+    w_pos = torch.tensor([[1.0, 0.0]], dtype=torch.float64, device=DEVICE)
+    expected = reference.term_stats(r64 @ c64.T, w_pos, 1.0 - w_pos, terms)
+    for actual, want in zip(stats[:2], expected[:2]):
+        close(actual, want.to(torch.float64))
+    for actual, want in zip(grads(stats[0].double().sum() + stats[1].double().sum(), [r, c]),
+                            grads(expected.pos_sum.sum() + expected.neg_sum.sum(), [r64, c64])):
+        close(actual, want)

@@ -146,7 +146,7 @@ def sigma_x(s, scale, shift, OF: tl.constexpr):
 
 @triton.jit
 def sigma_dx(s, scale, OF: tl.constexpr):
-    """dx/ds, with the derivative of d taken as 0 where d = 0."""
+    """dx/ds, with the derivatives of d and d2 taken as 0 where they are 0."""
     u = 2.0 - 2.0 * s
     if OF == 0:
         g = scale + 0.0 * s
