@@ -275,7 +275,7 @@ def _rho(rho: Rho, sigma: Sigma, total: torch.Tensor, mass: torch.Tensor) -> tor
     empty = mass <= 0
     if sigma.form == "exp":
         # total is log of the sum; -inf where empty: swap in a harmless 0 before differentiating.
-        safe = torch.where(empty, torch.zeros_like(total), total)
+        safe = torch.where(empty, 0.0, total)
         value = {
             "identity": lambda t: torch.exp(t),
             "log": lambda t: t,
@@ -287,13 +287,14 @@ def _rho(rho: Rho, sigma: Sigma, total: torch.Tensor, mass: torch.Tensor) -> tor
             raise ValueError(f"rho {rho.form!r} needs an exponential sigma")
         value = total
     if rho.per_mass:
-        value = value / torch.where(empty, torch.ones_like(mass), mass)
-    value = rho.scale * value
+        value = value / torch.where(empty, 1.0, mass)
+    if rho.scale != 1.0:
+        value = rho.scale * value
     if rho.empty == "exact" and rho.form in ("log", "neglog"):
         fill = -math.inf if rho.form == "log" else math.inf
     else:
         fill = 0.0
-    return torch.where(empty, torch.full_like(value, fill), value)
+    return torch.where(empty, fill, value)
 
 
 def _tau(form: str, x: torch.Tensor) -> torch.Tensor:
