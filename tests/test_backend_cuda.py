@@ -209,6 +209,26 @@ def test_pairwise(impl, loss, kind, rule, label_mode):
     torch.testing.assert_close(grad_cols.double().cpu(), ref_cols, rtol=1e-3, atol=1e-4)
 
 
+def test_pairwise_d2_at_zero_distance(impl):
+    """s = 1 exactly, the kink of d2 = max(2 - 2s, 0): the reference's derivative there, 0."""
+    rows = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    cols = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]], dtype=torch.float64, requires_grad=True)
+    rl, ri, cl, ci = torch.tensor([0]), torch.tensor([0]), torch.tensor([0, 1]), torch.tensor([1, 2])
+    terms, cfg = _cfg("nca", MEMBER_ALL)
+    wp, wn = _weights(MEMBER_ALL, LABEL_INTERPOLATE, 1.0, rl[:, None], ri[:, None], cl[None], cl[None], ci[None])
+    ref = reference.term_stats(rows @ cols.T, wp, wn, terms)
+    gp, gn = torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    ref_rows, ref_cols = torch.autograd.grad([ref.pos_sum, ref.neg_sum], [rows, cols], [gp, gn])
+    dev = impl
+    meta = [t.to(dev) for t in (rl, rl, ri)], [t.to(dev) for t in (cl, cl, ci)]
+    r32, c32 = rows.detach().float().to(dev), cols.detach().float().to(dev)
+    stats = cuda.pairwise_forward(r32, *meta[0], c32, *meta[1], 1.0, cfg)
+    grad_rows, grad_cols = cuda.pairwise_backward(r32, *meta[0], c32, *meta[1], 1.0, cfg, stats, gp.float().to(dev),
+                                                  gn.float().to(dev))
+    torch.testing.assert_close(grad_rows.double().cpu(), ref_rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_cols.double().cpu(), ref_cols, rtol=1e-5, atol=1e-6)
+
+
 def test_pairwise_member_mask(impl):
     gen = torch.Generator().manual_seed(5)
     (rows, rli, rlj, ridx), (cols, cli, clj, cidx), _, _, lam = _pairwise_case("mixed_cols", MEMBER_POS_NEG, gen)
