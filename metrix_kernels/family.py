@@ -43,7 +43,7 @@ class Sigma:
             t = s
         elif self.of == "d2":
             x = 2.0 - 2.0 * s
-            t = torch.where(x > 0, x, torch.zeros_like(x))
+            t = torch.where(x > 0, x, x.detach().clamp_min(0.0))  # NaN stays NaN, as in the kernels
         else:
             t = sphere_distance(s)
         return self.scale * t + self.shift

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from metrix_kernels import FAMILY, metrix_loss, reference
@@ -143,7 +143,7 @@ def check_pairwise(loss, dtype, rows, cols, dim, classes, member, label_mode, mi
     check_stats(stats, expected, dtype)
 
     g_pos, g_neg = torch.randn(2, rows, generator=gen, dtype=torch.float64)
-    grads = cpu.pairwise_backward(*args, stats, g_pos.float(), g_neg.float(), member_mask=mask)
+    grads = cpu.pairwise_backward(*args, stats, g_pos.to(dtype), g_neg.to(dtype), member_mask=mask)
     check_backward(grads, weighted_sum(expected, g_pos, g_neg), (r64, c64), dtype)
 
 
@@ -162,6 +162,9 @@ def mixed_candidates(labels, pair_set):
     label_mode=st.integers(0, 2), proxy_anchors=st.booleans(), lam=LAMS, seed=st.integers(0, 2**31 - 1),
 )
 def test_gram_mixed(loss, dtype, batch, dim, classes, pair_set, label_mode, proxy_anchors, lam, seed):
+    # lam near 0 or 1 mixes an anchor with (almost) itself: d ~ 0, where 1 / d turns float32's
+    # rounding of s into tangent gradients of ~1e-4 whose exact value is 0 (float64 covers the case)
+    assume(dtype == torch.float64 or 0.01 < lam < 0.99)
     gen = torch.Generator().manual_seed(seed)
     terms = terms_of(loss)
     member = MEMBER_RULES[pair_set]
@@ -188,7 +191,7 @@ def test_gram_mixed(loss, dtype, batch, dim, classes, pair_set, label_mode, prox
     check_stats(stats, expected, dtype)
 
     g_pos, g_neg = torch.randn(2, anchors.shape[0], generator=gen, dtype=torch.float64)
-    grad_anchors, grad_emb = cpu.gram_mixed_backward(*args, stats, g_pos.float(), g_neg.float())
+    grad_anchors, grad_emb = cpu.gram_mixed_backward(*args, stats, g_pos.to(dtype), g_neg.to(dtype))
     value = weighted_sum(expected, g_pos, g_neg)
     # The Gram identity holds for unit embeddings, so the kernel's gradient is exact along the
     # sphere only; the ops layer's normalization drops the radial part: compare tangent parts.
@@ -228,21 +231,32 @@ def test_mixpool(dtype, batch, pairs, channels, height, width, lam, seed):
 
 @built
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("height, width", [(16, 16), (16, 17)])
-def test_mixpool_argmax_widths(dtype, height, width):
-    """Maps of up to 256 positions keep their argmax as uint8, larger ones as int32 (and take the
-    backward's scatter path): the same gradient either way."""
+@pytest.mark.parametrize("height, width, small", [(2, 2, True), (2, 2, False), (16, 16, True), (16, 16, False),
+                                                  (16, 17, False)])
+def test_mixpool_argmax_widths(dtype, height, width, small):
+    """The kernels take a uint8 or an int32 argmax, on both backward paths (compares in registers up
+    to 8 positions, a store at the argmax beyond): the same gradient either way. cpu.py picks uint8
+    up to 256 positions."""
     gen = torch.Generator().manual_seed(height * width)
     features = torch.randn(3, 11, height, width, generator=gen, dtype=torch.float64)
     i, j = torch.tensor([0, 1, 2, 2, 0]), torch.tensor([1, 1, 0, 2, 2])
-    pooled, argmax = cpu.mixpool_forward(features.to(dtype), i, j, 0.3)
-    assert argmax.dtype == (torch.uint8 if height * width <= 256 else torch.int32)
+    f = features.to(dtype)
+    pooled, argmax = cpu._lib().mixpool_forward(f, i, j, 0.3, small)
+    assert argmax.dtype == (torch.uint8 if small else torch.int32)
+    assert cpu.mixpool_argmax_dtype(height * width) == (torch.uint8 if height * width <= 256 else torch.int32)
     f64 = features.clone().requires_grad_(True)
     expected = reference.pool(0.3 * f64[i] + 0.7 * f64[j])
     close(pooled, expected.detach(), dtype)
     grad_pooled = torch.randn(5, 11, generator=gen, dtype=torch.float64)
     (want,) = torch.autograd.grad((expected * grad_pooled).sum(), (f64,))
-    close(cpu.mixpool_backward(grad_pooled.to(dtype), features.to(dtype), i, j, 0.3, argmax), want, dtype)
+    close(cpu.mixpool_backward(grad_pooled.to(dtype), f, i, j, 0.3, argmax), want, dtype)
+
+
+@built
+def test_mixpool_uint8_argmax_refuses_large_maps():
+    features = torch.zeros(2, 3, 16, 17)
+    with pytest.raises(RuntimeError, match="uint8 argmax holds at most 256 positions"):
+        cpu._lib().mixpool_forward(features, torch.tensor([0]), torch.tensor([1]), 0.5, True)
 
 
 @built

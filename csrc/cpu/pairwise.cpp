@@ -53,7 +53,7 @@ struct RowPairs {
   double mass_p = 0.0, mass_n = 0.0;
   T tab[4][5];  // wp, lwp, wn, lwn by pair code
   const int64_t* last_ids = nullptr;  // what fill_group last filled for
-  int64_t last_cn = 0, last_z = 0;
+  int64_t last_z = 0;
 
   RowPairs(const Pairs& P, int64_t cols) : col(cols), code(cols), s(cols), wp(cols), lwp(cols), wn(cols), lwn(cols) {
     for (int k = 0; k < 5; ++k)
@@ -66,12 +66,12 @@ struct RowPairs {
   // that anc-neg membership depends on is the group's key, the same for all its rows.
   void fill_group(const Pairs& P, int64_t r, int64_t cn, const T* sim, const int64_t* ids) {
     const int64_t z = P.rli[r];
-    if (ids == last_ids && cn == last_cn && z == last_z) {
+    if (ids == last_ids && z == last_z) {
       for (int64_t m = 0; m < n; ++m) s[m] = sim[col[m]];
       return;
     }
     fill(P, r, 0, cn, sim, ids);
-    last_ids = ids, last_cn = cn, last_z = z;
+    last_ids = ids, last_z = z;
   }
 
   // the columns are c0 + k, or ids[k] when ids is given (a group's columns)

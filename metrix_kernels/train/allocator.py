@@ -25,7 +25,7 @@ TRIM_THRESHOLD = 64 << 20
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's mmap and trim thresholds for this process; False (nothing done) off glibc."""
+    """Set glibc's mmap and trim thresholds for this process; False off glibc, or where mallopt refuses one."""
     if not sys.platform.startswith("linux"):
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the process runs on
