@@ -229,6 +229,25 @@ def test_pairwise_d2_at_zero_distance(impl):
     torch.testing.assert_close(grad_cols.double().cpu(), ref_cols, rtol=1e-5, atol=1e-6)
 
 
+def test_pairwise_tiny_lam(impl):
+    """lam below float32's resolution at 1: a pair whose soft label is 1 - lam keeps its negative
+    weight lam (1 - y by subtraction would be 0 and drop the pair from the negative term)."""
+    gen = torch.Generator().manual_seed(3)
+    labels, idx = torch.tensor([0, 0, 1, 1, 2, 2]), torch.arange(6)
+    e = _unit(6, 5, gen)
+    i, j = torch.tensor([0, 2, 4, 1]), torch.tensor([2, 4, 0, 5])
+    lam = 1e-12
+    m = F.normalize(lam * e[i] + (1 - lam) * e[j], dim=1)
+    terms, cfg = _cfg("multi_similarity", MEMBER_ALL)
+    wp, wn = _weights(MEMBER_ALL, LABEL_INTERPOLATE, lam, labels[:, None], idx[:, None], labels[i][None],
+                      labels[j][None], i[None])
+    ref = reference.term_stats(e @ m.T, wp, wn, terms)
+    dev = impl
+    stats = cuda.pairwise_forward(e.float().to(dev), labels.to(dev), labels.to(dev), idx.to(dev), m.float().to(dev),
+                                  labels[i].to(dev), labels[j].to(dev), i.to(dev), lam, cfg)
+    _compare_stats(stats, ref)
+
+
 def test_pairwise_member_mask(impl):
     gen = torch.Generator().manual_seed(5)
     (rows, rli, rlj, ridx), (cols, cli, clj, cidx), _, _, lam = _pairwise_case("mixed_cols", MEMBER_POS_NEG, gen)

@@ -152,10 +152,18 @@ MX_HD bool rule_member(int rule, bool pi, bool pj, int32_t a, int32_t mi) {
   }
 }
 
-MX_HD float soft_label(int mode, float lam, bool pi, bool pj) {
-  if (mode == LABEL_NEGATIVE) return 0.0f;
-  if (mode == LABEL_DOMINANT) return (lam >= 0.5f ? pi : pj) ? 1.0f : 0.0f;
-  return lam * (pi ? 1.0f : 0.0f) + (1.0f - lam) * (pj ? 1.0f : 0.0f);
+// The soft label y and 1 - y, each as one of 0, 1, lam, 1 - lam: 1 - y formed by subtraction
+// would lose a lam below float32's resolution at 1 (y = 1 - lam).
+MX_HD void soft_label(int mode, float lam, bool pi, bool pj, float& y, float& not_y) {
+  if (mode == LABEL_NEGATIVE) {
+    y = 0.0f, not_y = 1.0f;
+  } else if (mode == LABEL_DOMINANT) {
+    const bool p = lam >= 0.5f ? pi : pj;
+    y = p ? 1.0f : 0.0f, not_y = p ? 0.0f : 1.0f;
+  } else {
+    y = pi ? (pj ? 1.0f : lam) : (pj ? 1.0f - lam : 0.0f);
+    not_y = pi ? (pj ? 0.0f : 1.0f - lam) : (pj ? lam : 1.0f);
+  }
 }
 
 // member: the rule's verdict, or the explicit mask's when rule == MEMBER_MASK.
@@ -163,9 +171,10 @@ MX_HD void pair_weights(int rule, int mode, float lam, int32_t z, int32_t a, int
                         int32_t mi, bool mask, float& wp, float& wn) {
   bool pi = li == z, pj = lj == z;
   bool member = rule == MEMBER_MASK ? mask : rule_member(rule, pi, pj, a, mi);
-  float y = soft_label(mode, lam, pi, pj);
+  float y, not_y;
+  soft_label(mode, lam, pi, pj, y, not_y);
   wp = member ? y : 0.0f;
-  wn = member ? 1.0f - y : 0.0f;
+  wn = member ? not_y : 0.0f;
 }
 
 // Sigma parameters of both terms; both share form and input (every row of the family does).

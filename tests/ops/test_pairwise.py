@@ -127,3 +127,28 @@ def test_d2_gradient_at_zero_distance(backend):
     for actual, want in zip(grads(stats[0].double().sum() + stats[1].double().sum(), [r, c]),
                             grads(expected.pos_sum.sum() + expected.neg_sum.sum(), [r64, c64])):
         close(actual, want)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_tiny_lam_keeps_negative_weight(backend):
+    """lam below float32's resolution at 1: a mixed pair whose soft label is 1 - lam keeps its
+    negative weight lam, as in the reference (1 - y by subtraction would drop it). The cuda
+    backend's case is in tests/test_backend_cuda.py."""
+    if backend == "cpu" and (DEVICE != "cpu" or not cpu.available()):
+        pytest.skip("the cpu backend takes CPU tensors, from the built extension")
+    _, terms = loss("multi_similarity")
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.nn.functional.normalize(torch.randn(4, 5, generator=gen), dim=1).to(DEVICE)
+    cols = torch.nn.functional.normalize(torch.randn(3, 5, generator=gen), dim=1).to(DEVICE)
+    row_y, row_idx = torch.tensor([0, 1, 2, 0], device=DEVICE), torch.arange(4, device=DEVICE)
+    col_labels = (torch.tensor([1, 2, 0], device=DEVICE), torch.tensor([0, 1, 2], device=DEVICE))
+    col_idx = torch.tensor([1, 2, 0], device=DEVICE)
+    lam = 1e-12
+    cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, MEMBER_ALL, LABEL_CODES["interpolate"], False, True)
+    r, c = leaves(rows, cols)
+    stats = pairwise(r, (row_y, row_y), row_idx, c, col_labels, col_idx, lam, cfg, backend)
+    r64, c64 = leaves(rows, cols, dtype=torch.float64)
+    w_pos, w_neg = _expected(r64, c64, (row_y, row_y), col_labels, row_idx, col_idx, lam, MEMBER_ALL, "interpolate",
+                             False, None)
+    for actual, want in zip(stats, reference.term_stats(r64 @ c64.T, w_pos, w_neg, terms)):
+        close(actual, want.to(torch.float64))

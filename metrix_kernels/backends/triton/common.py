@@ -110,13 +110,17 @@ def expand(v, THREE_D: tl.constexpr):
 def pair_weights(z, a, li, lj, mi, label_lam, valid, MEMBER: tl.constexpr, NEGATIVE: tl.constexpr):
     """(w_pos, w_neg) of pairs between a clean side (label z, index a) and a mixed side (labels li, lj,
     index mi); clean pairs are li == lj. Arguments broadcast to the tile. The soft label is
-    label_lam [li == z] + (1 - label_lam) [lj == z] (see label_factor), or 0 when NEGATIVE."""
+    label_lam [li == z] + (1 - label_lam) [lj == z] (see label_factor), or 0 when NEGATIVE; y and
+    1 - y are each one of 0, 1, lam, 1 - lam: 1 - y formed by subtraction would lose a lam below
+    float32's resolution at 1."""
     pi = li == z
     pj = lj == z
     if NEGATIVE:
-        y = 0.0 * pi.to(tl.float32) + 0.0 * pj.to(tl.float32)
+        y = tl.where(pi & pj, 0.0, 0.0)
+        not_y = tl.where(pi & pj, 1.0, 1.0)
     else:
-        y = label_lam * pi.to(tl.float32) + (1.0 - label_lam) * pj.to(tl.float32)
+        y = tl.where(pi, tl.where(pj, 1.0, label_lam), tl.where(pj, 1.0 - label_lam, 0.0))
+        not_y = tl.where(pi, tl.where(pj, 0.0, 1.0 - label_lam), tl.where(pj, label_lam, 1.0))
     if MEMBER == 0:
         member = valid
     elif MEMBER == 1:
@@ -129,7 +133,7 @@ def pair_weights(z, a, li, lj, mi, label_lam, valid, MEMBER: tl.constexpr, NEGAT
         member = valid & pi & pj
     else:
         member = valid & (pi == 0) & (pj == 0)
-    return tl.where(member, y, 0.0), tl.where(member, 1.0 - y, 0.0)
+    return tl.where(member, y, 0.0), tl.where(member, not_y, 0.0)
 
 
 @triton.jit
