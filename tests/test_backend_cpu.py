@@ -427,3 +427,37 @@ def test_missing_extension_warns_and_falls_back():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "compiled CPU kernels are not available" in done.stderr
+
+
+@built
+@pytest.mark.parametrize("op", ["pairwise", "gram"])
+def test_threaded_backward_is_deterministic(op):
+    """With several threads, the backwards that sum per-thread buffers (the grouped pairwise path's
+    row gradients, the Gram op's private dG under neg-neg) give the same bits on every run: work goes
+    to threads round-robin and the buffers are summed in thread order (the trainer's resume and
+    reproducibility rest on it; the other tests run one thread)."""
+    gen = torch.Generator().manual_seed(11)
+    terms = terms_of("multi_similarity")
+    labels = torch.arange(120) % 5
+    e = unit(120, 16, gen, torch.float32)
+    if op == "pairwise":
+        i = torch.randint(120, (3000,), generator=gen)
+        j = torch.randint(120, (3000,), generator=gen)
+        cols = unit(3000, 16, gen, torch.float32)
+        cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, MEMBER_RULES["pos-neg"], 0, False, True)
+        args = (e, labels, labels, torch.arange(120), cols, labels[i], labels[j], i, 0.3, cfg)
+        forward, backward = cpu.pairwise_forward, cpu.pairwise_backward
+    else:
+        cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, MEMBER_RULES["neg-neg"], 0, False, True)
+        args = (e, labels, torch.arange(120), e, labels, 0.3, cfg)
+        forward, backward = cpu.gram_mixed_forward, cpu.gram_mixed_backward
+    g = torch.rand(2, 120, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stats = forward(*args)
+        runs = [backward(*args, stats, g[0], g[1]) for _ in range(8)]
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))

@@ -205,12 +205,13 @@ std::vector<at::Tensor> gram_mixed_backward(at::Tensor anchors, at::Tensor ancho
     using scalar_t = decltype(zero);
     const scalar_t lm = scalar_t(lam), c = scalar_t(lam * (1 - lam));
     const scalar_t* r = L.r.data_ptr<scalar_t>();
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
       std::vector<scalar_t> s(L.B), d(L.B), dSa(L.B), w_p(L.B, scalar_t(wp.w)), lw_p(L.B, scalar_t(wp.lw)),
           w_n(L.B, scalar_t(wn.w)), lw_n(L.B, scalar_t(wn.lw));
       scalar_t* g = dG.data_ptr<scalar_t>() + (private_dG ? omp_get_thread_num() * L.B * L.B : 0);
-#pragma omp for schedule(dynamic)
+      // round-robin, not first come: a private dG then holds the same groups on every run
+#pragma omp for schedule(static, 1)
       for (int64_t k = 0; k < groups; ++k) {
         for (int64_t o = group_start[k]; o < group_start[k + 1]; ++o) {
           const int64_t a = order[o];

@@ -310,7 +310,8 @@ std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::T
     if (!same && grouped(P, member)) {
       // Work items are (group, up to kGroupCols of its columns), so that a few large groups (the
       // classes of a batch) still spread over the threads. An item owns its columns' gradients;
-      // its rows' gradients go to a per-thread buffer, summed at the end.
+      // its rows' gradients go to a per-thread buffer. Items go to threads round-robin and the
+      // buffers are summed in thread order: the same result on every run with as many threads.
       const Groups G = make_groups(P, R, member);
       const int64_t d = rows.size(1), groups = static_cast<int64_t>(G.row_start.size()) - 1;
       std::vector<std::array<int64_t, 2>> items;  // (group, first column in it)
@@ -322,11 +323,14 @@ std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::T
       const int64_t chunk = std::min(kGroupCols, G.widest);
       const scalar_t *x = rows.data_ptr<scalar_t>(), *y = cols.data_ptr<scalar_t>();
       scalar_t *gx = grad_rows.data_ptr<scalar_t>(), *gy = grad_cols.data_ptr<scalar_t>();
-#pragma omp parallel
+      const int threads = omp_get_max_threads();
+      std::vector<scalar_t> gx_threads(threads * R * d, scalar_t(0));
+#pragma omp parallel num_threads(threads)
       {
         RowPairs<scalar_t> w(P, chunk);
-        std::vector<scalar_t> ds(most_rows * chunk), scratch(chunk), gx_own(R * d, scalar_t(0));
-#pragma omp for schedule(dynamic)
+        std::vector<scalar_t> ds(most_rows * chunk), scratch(chunk);
+        scalar_t* gx_own = gx_threads.data() + omp_get_thread_num() * R * d;
+#pragma omp for schedule(static, 1)
         for (int64_t item = 0; item < static_cast<int64_t>(items.size()); ++item) {
           const auto [g, c0] = items[item];
           const int64_t* ids = G.cols.data() + c0;
@@ -338,7 +342,7 @@ std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::T
             dots(x + r * d, y, ids, cn, d, dsr);
             w.fill_group(P, r, cn, dsr, ids);
             row_grad<scalar_t>(sp, sn, dsr, cn, w, lse_p[r], lse_n[r], gp[r], gn[r], scratch.data());
-            add_weighted_rows(gx_own.data() + r * d, d, w.n, [&](int64_t m) {  // members only: the others are 0
+            add_weighted_rows(gx_own + r * d, d, w.n, [&](int64_t m) {  // members only: the others are 0
               const int64_t k = w.col[m];
               return std::pair<scalar_t, const scalar_t*>(dsr[k], y + ids[k] * d);
             });
@@ -348,9 +352,9 @@ std::vector<at::Tensor> pairwise_backward(at::Tensor rows, at::Tensor rli, at::T
               return std::pair<scalar_t, const scalar_t*>(ds[n * cn + k], x + G.rows[n0 + n] * d);
             });
         }
-#pragma omp critical
-        for (int64_t t = 0; t < R * d; ++t) gx[t] += gx_own[t];
       }
+      for (int t = 0; t < threads; ++t)
+        for (int64_t e = 0; e < R * d; ++e) gx[e] += gx_threads[t * R * d + e];
       return;
     }
     for_each_block(rows, cols, saved, [&](int64_t r0, int64_t rn, int64_t c0, int64_t cn, at::Tensor& sim) {
