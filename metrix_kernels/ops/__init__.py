@@ -152,16 +152,14 @@ def _clean_stats(row: LossRow, terms: Terms, e, labels, proxies, backend: str) -
     index = torch.arange(labels.shape[0], device=labels.device)
     if row.anchors == "proxies":
         p, classes, none = _proxy_side(proxies, e.dtype, backend)
-        stats = pairwise(p, (classes, classes), none, e, (labels, labels), index, 1.0,
-                         _config(row, terms, MEMBER_ALL), backend)
-    elif row.candidates == "proxies":
+        return pairwise(p, (classes, classes), none, e, (labels, labels), index, 1.0,
+                        _config(row, terms, MEMBER_ALL), backend)
+    if row.candidates == "proxies":
         p, classes, none = _proxy_side(proxies, e.dtype, backend)
-        stats = pairwise(e, (labels, labels), index, p, (classes, classes), none, 1.0,
-                         _config(row, terms, MEMBER_ALL), backend)
-    else:
-        stats = pairwise(e, (labels, labels), index, e, (labels, labels), index, 1.0,
-                         _config(row, terms, MEMBER_ALL_BUT_SELF), backend)
-    return stats
+        return pairwise(e, (labels, labels), index, p, (classes, classes), none, 1.0,
+                        _config(row, terms, MEMBER_ALL), backend)
+    return pairwise(e, (labels, labels), index, e, (labels, labels), index, 1.0,
+                    _config(row, terms, MEMBER_ALL_BUT_SELF), backend)
 
 
 def _mixed_rows(mixup, plan, e, features, head, inputs, model, backend) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """Inputs and comparisons shared by the fused-op tests."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import strategies as st
 
+from metrix_kernels.backends import cpu
 from metrix_kernels.family import resolve
 
 from .conftest import DEVICE, MAX_BATCH
@@ -66,3 +68,9 @@ def close(actual, expected, rtol=2e-4, atol=2e-5):
     scale = float(finite.detach().abs().max()) if finite.numel() else 1.0
     torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * (1.0 + scale),
                                equal_nan=True)
+
+
+def skip_unless_usable(backend: str) -> None:
+    """The cpu backend runs these tests only on CPU tensors, from the built extension."""
+    if backend == "cpu" and (DEVICE != "cpu" or not cpu.available()):
+        pytest.skip("the cpu backend takes CPU tensors, from the built extension")

@@ -6,21 +6,16 @@ import pytest
 import torch
 
 from metrix_kernels import ops
-from metrix_kernels.backends import MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig, cpu
+from metrix_kernels.backends import MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig
 from metrix_kernels.ops._dispatch import flatten
 from metrix_kernels.pairs import MixPlan, batch_pairs
 
-from .helpers import close, grads, leaves, loss
-
-
-def _skip_unusable(backend, device):
-    if backend == "cpu" and (device != "cpu" or not cpu.available()):
-        pytest.skip("the cpu backend takes CPU tensors, from the built extension")
+from .helpers import close, grads, leaves, loss, skip_unless_usable
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_compiled_ops_match_eager(device, backend):
-    _skip_unusable(backend, device)
+    skip_unless_usable(backend)
     row, terms = loss("multi_similarity")
     gen = torch.Generator().manual_seed(3)
     labels = torch.randint(3, (9,), generator=gen).to(device)
@@ -47,7 +42,7 @@ def test_compiled_ops_match_eager(device, backend):
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_fakes_match_kernels(device, backend):
-    _skip_unusable(backend, device)
+    skip_unless_usable(backend)
     gen = torch.Generator().manual_seed(5)
     labels = torch.randint(3, (7,), generator=gen).to(device)
     index = torch.arange(7, device=device)

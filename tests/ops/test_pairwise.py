@@ -7,12 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metrix_kernels import reference
-from metrix_kernels.backends import LABEL_CODES, MEMBER_ALL, MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig, cpu
+from metrix_kernels.backends import LABEL_CODES, MEMBER_ALL, MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig
 from metrix_kernels.ops import _normalize, pairwise
 from metrix_kernels.pairs import rule_member, soft_labels
 
 from .conftest import DEVICE, EXAMPLES
-from .helpers import LAMS, batches, close, grads, leaves, loss
+from .helpers import LAMS, batches, close, grads, leaves, loss, skip_unless_usable
 
 SIGMAS = ["contrastive", "lifted_structure", "binomial_deviance", "multi_similarity", "nca"]  # every form x input
 
@@ -109,8 +109,7 @@ def test_d2_gradient_at_zero_distance(backend):
     derivative there, 0 (torch's own clamp_min has passed 1 or 0 at its bound, by version). Only
     visible at the op level: through the normalization of the inputs, the gradient along the row
     itself is projected away. The cuda backend's case is in tests/test_backend_cuda.py."""
-    if backend == "cpu" and (DEVICE != "cpu" or not cpu.available()):
-        pytest.skip("the cpu backend takes CPU tensors, from the built extension")
+    skip_unless_usable(backend)
     _, terms = loss("nca")  # exp(-d2) on both terms
     rows = torch.tensor([[1.0, 0.0, 0.0]], device=DEVICE)
     cols = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]], device=DEVICE)  # unit rows: s = 1 and 0 exactly
@@ -134,8 +133,7 @@ def test_tiny_lam_keeps_negative_weight(backend):
     """lam below float32's resolution at 1: a mixed pair whose soft label is 1 - lam keeps its
     negative weight lam, as in the reference (1 - y by subtraction would drop it). The cuda
     backend's case is in tests/test_backend_cuda.py."""
-    if backend == "cpu" and (DEVICE != "cpu" or not cpu.available()):
-        pytest.skip("the cpu backend takes CPU tensors, from the built extension")
+    skip_unless_usable(backend)
     _, terms = loss("multi_similarity")
     gen = torch.Generator().manual_seed(4)
     rows = torch.nn.functional.normalize(torch.randn(4, 5, generator=gen), dim=1).to(DEVICE)
