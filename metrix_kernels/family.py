@@ -75,6 +75,13 @@ class Rho:
     per_mass: bool = False
     empty: str = "zero"
 
+    @property
+    def empty_value(self) -> float:
+        """rho of a term without label mass."""
+        if self.empty == "exact" and self.form in ("log", "neglog"):
+            return -math.inf if self.form == "log" else math.inf
+        return 0.0
+
 
 class Terms(NamedTuple):
     sigma_pos: Sigma
@@ -290,11 +297,7 @@ def _rho(rho: Rho, sigma: Sigma, total: torch.Tensor, mass: torch.Tensor) -> tor
         value = value / torch.where(empty, 1.0, mass)
     if rho.scale != 1.0:
         value = rho.scale * value
-    if rho.empty == "exact" and rho.form in ("log", "neglog"):
-        fill = -math.inf if rho.form == "log" else math.inf
-    else:
-        fill = 0.0
-    return torch.where(empty, fill, value)
+    return torch.where(empty, rho.empty_value, value)
 
 
 def _tau(form: str, x: torch.Tensor) -> torch.Tensor:

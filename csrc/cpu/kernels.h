@@ -24,4 +24,6 @@ std::vector<at::Tensor> mixpool_forward(at::Tensor, at::Tensor, at::Tensor, doub
 at::Tensor mixpool_backward(at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, at::Tensor);
 std::vector<at::Tensor> unit_rows_forward(at::Tensor);
 at::Tensor unit_rows_backward(at::Tensor, at::Tensor, at::Tensor);
+std::vector<at::Tensor> assemble_forward(std::vector<at::Tensor>, double, std::vector<double>);
+std::vector<at::Tensor> assemble_backward(std::vector<at::Tensor>, double, at::Tensor, at::Tensor, std::vector<double>);
 }  // namespace metrix

@@ -13,4 +13,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mixpool_backward", &metrix::mixpool_backward);
   m.def("unit_rows_forward", &metrix::unit_rows_forward);
   m.def("unit_rows_backward", &metrix::unit_rows_backward);
+  m.def("assemble_forward", &metrix::assemble_forward);
+  m.def("assemble_backward", &metrix::assemble_backward);
 }

@@ -45,12 +45,18 @@ Optional (the ops layer uses torch ops where a backend has none):
     mixpool_argmax_dtype(positions) -> the integer dtype of the backend's argmax (default int32)
     unit_rows_forward(x [N, d]) -> (y = x / norm, norm = max(|x|, 1e-12) [N, 1])
     unit_rows_backward(grad [N, d], y, norm) -> grad_x, the gradient of F.normalize(x, dim=-1)
+    assemble_forward(row, terms, stats, weight) -> (loss [], saved)
+        family.assemble(row, terms, stats[0]) + weight * family.assemble(row, terms, stats[1]) (the
+        second term where stats has two tensors, [6, A_0] and [6, A_1]; see assembly_codes), in the
+        statistics' dtype
+    assemble_backward(row, terms, stats, weight, saved, grad_loss []) -> (grad [6, A_k] per stats tensor)
+        the gradients of the two term sums (rows 0, 1) and zeros for the counts (rows 2-5)
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..family import Sigma
+from ..family import REDUCTIONS, RHO_FORMS, TAU_FORMS, LossRow, Sigma, Terms
 
 # membership rules (SPEC 1.3 and pairs.rule_member); z = the clean side's label, a its index
 MEMBER_ALL = 0  # every pair (proxy anchors or proxy candidates, clean)
@@ -77,3 +83,28 @@ class KernelConfig(NamedTuple):
     label_mode: int = LABEL_INTERPOLATE
     mixed_rows: bool = False
     count_nonzero: bool = False
+
+
+class AssemblyCodes(NamedTuple):
+    """A row's rho, tau and reduction as the assembly kernels take them: rho forms and tau as indices
+    in family.RHO_FORMS / TAU_FORMS, reduction in family.REDUCTIONS; *_exp: the term sum is a log."""
+
+    p_exp: bool
+    p_rho: int
+    p_per_mass: bool
+    p_scale: float
+    p_fill: float
+    n_exp: bool
+    n_rho: int
+    n_per_mass: bool
+    n_scale: float
+    n_fill: float
+    tau: int
+    reduction: int
+
+
+def assembly_codes(row: LossRow, terms: Terms) -> AssemblyCodes:
+    codes = []
+    for sigma, rho in ((terms.sigma_pos, terms.rho_pos), (terms.sigma_neg, terms.rho_neg)):
+        codes += [sigma.form == "exp", RHO_FORMS.index(rho.form), rho.per_mass, float(rho.scale), rho.empty_value]
+    return AssemblyCodes(*codes, TAU_FORMS.index(terms.tau), REDUCTIONS.index(row.reduction))

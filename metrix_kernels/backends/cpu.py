@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from ..family import SIGMA_FORMS, SIGMA_INPUTS, Sigma
-from . import KernelConfig
+from . import KernelConfig, assembly_codes
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,19 @@ def unit_rows_forward(x):
 def unit_rows_backward(grad, y, norm):
     grad_x = _lib().unit_rows_backward(_as(_native(grad), norm.dtype), _as(_native(y), norm.dtype), norm)
     return _as(grad_x, y.dtype)
+
+
+def assemble_forward(row, terms, stats, weight: float):
+    return _lib().assemble_forward([s.detach() for s in stats], float(weight), _assembly(row, terms))
+
+
+def assemble_backward(row, terms, stats, weight: float, divisors, grad_loss):
+    return tuple(_lib().assemble_backward([s.detach() for s in stats], float(weight), divisors, grad_loss.detach(),
+                                          _assembly(row, terms)))
+
+
+def _assembly(row, terms) -> list[float]:
+    return [float(code) for code in assembly_codes(row, terms)]
 
 
 def mixpool_argmax_dtype(positions: int) -> torch.dtype:

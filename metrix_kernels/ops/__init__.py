@@ -78,10 +78,44 @@ def _config(row: LossRow, terms: Terms, member: int, plan: Optional[MixPlan] = N
     )
 
 
-def _assemble(row: LossRow, terms: Terms, stats: torch.Tensor, dtype) -> torch.Tensor:
+class _Assembled(torch.autograd.Function):
+    """_assemble by the backend's assemble_forward / assemble_backward (one launch each way)."""
+
+    @staticmethod
+    def forward(ctx, row, terms, weight, kernels, *stats):
+        loss, divisors = kernels.assemble_forward(row, terms, stats, weight)
+        ctx.save_for_backward(*stats, divisors)
+        ctx.row, ctx.terms, ctx.weight, ctx.kernels = row, terms, weight, kernels
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        *stats, divisors = ctx.saved_tensors
+        grads = ctx.kernels.assemble_backward(ctx.row, ctx.terms, tuple(stats), ctx.weight, divisors, grad)
+        return (None, None, None, None, *grads)
+
+
+def _formula(row: LossRow, terms: Terms, stats: torch.Tensor) -> torch.Tensor:
     pos_sum, neg_sum, *counts = stats
-    loss = assemble(row, terms, TermStats(pos_sum, neg_sum, *(c.detach() for c in counts)))
-    return loss.to(dtype)
+    return assemble(row, terms, TermStats(pos_sum, neg_sum, *(c.detach() for c in counts)))
+
+
+def _assemble(row: LossRow, terms: Terms, dtype, backend: str, first: torch.Tensor,
+              second: Optional[torch.Tensor] = None, weight: float = 1.0) -> torch.Tensor:
+    """family.assemble(first) + weight * family.assemble(second) from statistics [6, A]: by the
+    backend's kernels where it has them (not in compiled code, which traces the formula), else by the
+    formula under autograd (some twenty small ops each way), in one pass where the two have as many
+    anchors (all but the proxy-candidate losses, whose mixed anchors are the mixed examples)."""
+    kernels = None if torch.compiler.is_compiling() else backend_module(backend)
+    stats = (first,) if second is None else (first, second)
+    if hasattr(kernels, "assemble_forward"):
+        return _Assembled.apply(row, terms, float(weight), kernels, *stats).to(dtype)
+    if second is None:
+        return _formula(row, terms, first).to(dtype)
+    if first.shape == second.shape:
+        both = _formula(row, terms, torch.stack(stats, 1))
+        return (both[0] + weight * both[1]).to(dtype)
+    return (_formula(row, terms, first) + weight * _formula(row, terms, second)).to(dtype)
 
 
 def _proxy_side(proxies: torch.Tensor, dtype: torch.dtype, backend: str):
@@ -92,7 +126,7 @@ def _proxy_side(proxies: torch.Tensor, dtype: torch.dtype, backend: str):
 def clean_loss(row: LossRow, terms: Terms, embeddings, labels, proxies, backend: str) -> torch.Tensor:
     """reference.clean_loss on a fused backend."""
     e = _normalize(embeddings, _work_dtype(embeddings.dtype, backend), backend)
-    return _assemble(row, terms, _clean_stats(row, terms, e, labels, proxies, backend), embeddings.dtype)
+    return _assemble(row, terms, embeddings.dtype, backend, _clean_stats(row, terms, e, labels, proxies, backend))
 
 
 def mixed_loss(
@@ -107,7 +141,7 @@ def mixed_loss(
     """
     e, e_labels = _normalized(row, embeddings, labels, plan, mixup, backend)
     stats = _mixed_stats(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model, backend)
-    return _assemble(row, terms, stats, embeddings.dtype)
+    return _assemble(row, terms, embeddings.dtype, backend, stats)
 
 
 def error_function(
@@ -116,18 +150,13 @@ def error_function(
     backend: str = "triton",
 ) -> torch.Tensor:
     """reference.error_function on a fused backend: clean_loss + weight * mixed_loss from one normalized
-    (and, for the Gram op, class-sorted) copy of the batch, where the two separately make two or three.
-    The two losses are assembled in one pass when they have as many anchors (all but the
-    proxy-candidate losses, whose mixed anchors are the mixed examples): the assembly is some
-    twenty small ops each way, a cost that shows next to the kernels at small batches."""
+    (and, for the Gram op, class-sorted) copy of the batch, where the two separately make two or three;
+    one assembly of both."""
     e, e_labels = _normalized(row, embeddings, labels, plan, mixup, backend)
     clean = _clean_stats(row, terms, e, e_labels, proxies, backend)
     mixed = _mixed_stats(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model,
                          backend)
-    if clean.shape == mixed.shape:
-        both = _assemble(row, terms, torch.stack((clean, mixed), 1), embeddings.dtype)
-        return both[0] + weight * both[1]
-    return _assemble(row, terms, clean, embeddings.dtype) + weight * _assemble(row, terms, mixed, embeddings.dtype)
+    return _assemble(row, terms, embeddings.dtype, backend, clean, mixed, weight)
 
 
 def _by_gram(row: LossRow, plan: MixPlan, mixup: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from metrix_kernels import FAMILY, metrix_loss, ops, reference
@@ -55,6 +55,11 @@ def test_embedding_mixed_loss(name, data):
     pair_set = data.draw(st.sampled_from(PAIR_SETS))
     i, j = batch_pairs(labels, pair_set)
     plan = MixPlan(i, j, data.draw(st.floats(0.05, 0.95)), pair_set, data.draw(st.sampled_from(LABEL_MODES)))
+    # The Gram op forms a mix's squared norm lam^2 + (1 - lam)^2 + 2 lam (1 - lam) <e_i, e_j> from float32
+    # similarities, an error that grows as 1 / norm^2: nearly cancelling mixes (at d = 3, a pair almost
+    # antipodal at lam near 0.5) are beyond float32 tolerances, the float32 reference's too, and left out.
+    unit = torch.nn.functional.normalize(emb.double(), dim=1)
+    assume(not i.numel() or float((plan.lam * unit[i] + (1 - plan.lam) * unit[j]).norm(dim=1).min()) >= 0.25)
     inputs = leaves(emb, proxies)
     # the mixed loss alone, or the error function (clean + weight * mixed from one normalized, sorted batch)
     fused, expected = data.draw(st.sampled_from([

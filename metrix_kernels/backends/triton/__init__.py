@@ -5,12 +5,13 @@ import os
 
 import torch
 
+from .assemble import assemble_backward, assemble_forward
 from .gram import gram_mixed_backward, gram_mixed_forward
 from .mixpool import mixpool_backward, mixpool_forward
 from .pairwise import pairwise_backward, pairwise_forward
 
 __all__ = [
-    "available", "gram_mixed_backward", "gram_mixed_forward", "mixpool_backward", "mixpool_forward",
+    "assemble_backward", "assemble_forward", "available", "gram_mixed_backward", "gram_mixed_forward", "mixpool_backward", "mixpool_forward",
     "pairwise_backward", "pairwise_forward",
 ]
 
