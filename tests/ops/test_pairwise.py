@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from metrix_kernels import reference
 from metrix_kernels.backends import LABEL_CODES, MEMBER_ALL, MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig
-from metrix_kernels.ops import _normalize, pairwise
+from metrix_kernels.ops import _normalize, _UnitRows, pairwise
 from metrix_kernels.pairs import rule_member, soft_labels
 
 from .conftest import DEVICE, EXAMPLES
@@ -85,16 +85,17 @@ def test_pairwise_matches_term_stats(name, data):
 
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 300), d=st.integers(1, 70), scale=st.sampled_from([1.0, 1e-3, 0.0]),
-       dtype=st.sampled_from([torch.float64, torch.float32]), backend=st.sampled_from(["cpu", "triton"]),
+       dtype=st.sampled_from([torch.float64, torch.float32]), backend=st.sampled_from(["cpu", "triton", "formula"]),
        seed=st.integers(0, 2**31 - 1))
 def test_normalize_matches_torch(rows, d, scale, dtype, backend, seed):
-    """The fused paths' row normalization against F.normalize, zero rows included: the cpu backend's
-    kernels (threaded above 2^14 elements), and the torch formula of backends without them."""
+    """The fused paths' row normalization against F.normalize, zero rows included: the cpu kernels
+    (threaded above 2^14 elements), the triton ones, and the torch formula of backends without them."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, d, generator=gen, dtype=dtype) * scale
     g = torch.randn(rows, d, generator=gen, dtype=dtype)
     a, b = x.clone().requires_grad_(), x.double().clone().requires_grad_()
-    ours, theirs = _normalize(a, dtype, backend), torch.nn.functional.normalize(b, dim=-1)
+    ours = _UnitRows.apply(a, None) if backend == "formula" else _normalize(a, dtype, backend)
+    theirs = torch.nn.functional.normalize(b, dim=-1)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(ours.double(), theirs, rtol=tol, atol=tol)
     # the gradient is of the order |g| / |x|: float32 rounding scales with it

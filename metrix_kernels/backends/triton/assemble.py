@@ -31,6 +31,13 @@ def _softplus(x):
 
 
 @triton.jit
+def _sigmoid(x):
+    """Without an overflowing exp (tl.sigmoid's exp(-x) is inf for x below -88)."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def _rho(total, mass, scale, fill, EXP: tl.constexpr, RHO: tl.constexpr, PER_MASS: tl.constexpr):
     """(rho of the term, its derivative in the term sum); an empty term (mass <= 0) is (fill, 0)."""
     empty = mass <= 0
@@ -44,7 +51,7 @@ def _rho(total, mass, scale, fill, EXP: tl.constexpr, RHO: tl.constexpr, PER_MAS
             slope = tl.full(safe.shape, 1.0, tl.float32)
         elif RHO == 2:
             value = _softplus(safe)
-            slope = tl.sigmoid(safe)
+            slope = _sigmoid(safe)
         else:
             value = -safe
             slope = tl.full(safe.shape, -1.0, tl.float32)
@@ -66,7 +73,7 @@ def _tau(x, TAU: tl.constexpr):
     elif TAU == 1:
         return tl.maximum(x, 0.0), tl.where(x > 0, 1.0, 0.0)
     else:
-        return _softplus(x), tl.sigmoid(x)
+        return _softplus(x), _sigmoid(x)
 
 
 @triton.jit
