@@ -3,7 +3,7 @@
     python bench/gpu_profile.py [--backend triton] > profile.txt
 
 Cases: Metrix multi-similarity (clean + embedding mixup over pos-neg pairs, lam = 0.4) at B = 256 and
-B = 8192, d = 512; one ResNet-50 training step with Metrix/feature mixup (B = 100, 224 px, synthetic
+B = 8192, d = 512 (at B = 256 also the host-side ops by CPU time); one ResNet-50 training step with Metrix/feature mixup (B = 100, 224 px, synthetic
 batch). Each case runs twice to warm up, then once under the profiler.
 """
 from __future__ import annotations
@@ -37,7 +37,9 @@ def feature_step_case(backend):
     return lambda: train_step(model, criterion, optimizer, x, y, "feature", generator, 10.0)
 
 
-def report(name, fn, rows=12):
+def report(name, fn, rows=12, host=False):
+    """The call's CUDA kernels by time; with host, also its host-side ops by CPU time (where a
+    launch-bound call spends its time)."""
     fn()
     fn()
     torch.cuda.synchronize()
@@ -46,6 +48,8 @@ def report(name, fn, rows=12):
         torch.cuda.synchronize()
     print(f"\n## {name}\n")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+    if host:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=2 * rows, max_name_column_width=60))
 
 
 def main():
@@ -54,7 +58,7 @@ def main():
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "backend", args.backend)
     for b in (256, 8192):
-        report(f"multi_similarity clean + embedding mixup, B = {b}", loss_case(b, args.backend))
+        report(f"multi_similarity clean + embedding mixup, B = {b}", loss_case(b, args.backend), host=b == 256)
     report("ResNet-50 step, Metrix/feature, B = 100", feature_step_case(args.backend))
 
 

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import importlib
 import math
-from functools import partial
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
 
-from . import distributed, reference
+from . import distributed, ops, reference
 from .family import resolve
 from .pairs import (
     DEFAULT_PAIRS,
@@ -29,12 +27,22 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _fused_available(name: str, device: torch.device) -> bool:
     """Whether backend ``name`` imports and, if it says so through ``available(device)``, runs here."""
+    return _backend_runs(name, device.type)
+
+
+def _backend_runs(name: str, device_type: str) -> bool:
     try:
         module = importlib.import_module(f"metrix_kernels.backends.{name}")
     except Exception:  # a missing package or an unbuilt extension: the backend is just absent
         return False
     check = getattr(module, "available", None)
-    return bool(check(device)) if callable(check) else True
+    return bool(check(torch.device(device_type))) if callable(check) else True
+
+
+# torch.compiler.assume_constant_result's marker, set directly: compiled code then takes the answer
+# instead of breaking its graph at the import, and importing the library does not import
+# torch._dynamo (1.4 s, and it fixes Triton's TRITON_INTERPRET setting early).
+_backend_runs._dynamo_marked_constant = True
 
 
 def _check_backend(backend) -> None:
@@ -42,30 +50,21 @@ def _check_backend(backend) -> None:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
 
 
-def _implementation(backend: str, device: torch.device):
-    """The object whose clean_loss / error_function compute the loss for this backend and device.
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that computes the loss for tensors on ``device``: "reference" or a fused one.
 
     "auto": triton for CUDA tensors when triton imports, else the cpu backend when it reports itself
     available, else the reference.
     """
     _check_backend(backend)
-    if backend == "reference":
-        return reference
     if backend == "auto":
         if device.type == "cuda" and _fused_available("triton", device):
-            backend = "triton"
-        elif _fused_available("cpu", device):
-            backend = "cpu"
-        else:
-            return reference
-    elif not _fused_available(backend, device):
+            return "triton"
+        return "cpu" if _fused_available("cpu", device) else "reference"
+    if backend != "reference" and not _fused_available(backend, device):
         usable = ["auto", "reference"] + [name for name in FUSED_BACKENDS if _fused_available(name, device)]
         raise ValueError(f"backend {backend!r} is not available for {device} tensors; available: {usable}")
-    from . import ops
-
-    return SimpleNamespace(
-        clean_loss=partial(ops.clean_loss, backend=backend), error_function=partial(ops.error_function, backend=backend)
-    )
+    return backend
 
 
 def _check_tensor(name: str, x, ndim: int, shape_hint: str) -> None:
@@ -106,7 +105,9 @@ def validate(embeddings, labels, row, proxies, mixup, features, head, inputs, mo
         minimum = 2 if row.candidates == "proxies" else 1
         if proxies.shape[0] < minimum:
             raise ValueError(f"loss {row.name!r} needs at least {minimum} proxies, got {proxies.shape[0]}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= proxies.shape[0]):
+        # a host sync: compiled code leaves it out rather than break its graph here
+        in_range = torch.compiler.is_compiling() or not labels.numel()
+        if not in_range and (int(labels.min()) < 0 or int(labels.max()) >= proxies.shape[0]):
             raise ValueError(
                 f"labels must lie in [0, {proxies.shape[0]}) to index the proxies, "
                 f"got values in [{int(labels.min())}, {int(labels.max())}]"
@@ -209,7 +210,8 @@ def metrix_loss(
     check_pair_set(pairs)
     check_label_mode(label_mode)
     _check_options(lam, mix_alpha, weight, hard_negatives)
-    impl = _implementation(backend, embeddings.device)
+    backend = _resolve_backend(backend, embeddings.device)
+    impl, on = (reference, {}) if backend == "reference" else (ops, {"backend": backend})
     group = distributed.resolve_group(process_group)
     if group is not None:
         embeddings, labels, features, head, inputs, model = distributed.gather_batch(
@@ -217,10 +219,10 @@ def metrix_loss(
         )
 
     if mixup is None:
-        return impl.clean_loss(row, terms, embeddings, labels, proxies)
+        return impl.clean_loss(row, terms, embeddings, labels, proxies, **on)
     plan = plan_mixing(embeddings, labels, mixup, pairs, lam, mix_alpha, label_mode, hard_negatives, generator, group)
     return impl.error_function(row, terms, embeddings, labels, proxies, plan, mixup, features, head, inputs, model,
-                               weight)
+                               weight, **on)
 
 
 class MetrixLoss(torch.nn.Module):

@@ -2,6 +2,10 @@
 fakes declare what the kernels return (torch.library.opcheck)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -57,3 +61,24 @@ def test_fakes_match_kernels(device, backend):
     for positions in ((2, 2), (16, 17)):  # the cpu backend's uint8 and int32 argmax
         features = torch.randn(7, 3, *positions, generator=gen).to(device).requires_grad_(True)
         torch.library.opcheck(torch.ops.metrix.mixpool.default, (features, i, j, 0.3, backend))
+
+
+def test_metrix_loss_compiles_whole_on_first_call(device):
+    """torch.compile(fullgraph=True) around metrix_loss before any eager call (a fresh process, where
+    the library has imported no backend yet): one graph, fused ops included, no graph break; also for
+    a proxy loss, whose mixed rows have a data-dependent count."""
+    script = textwrap.dedent(f"""
+        import torch
+        from metrix_kernels import metrix_loss
+
+        emb = torch.randn(12, 5, device="{device}", requires_grad=True)
+        labels = torch.arange(12, device="{device}") // 3
+        proxies = torch.randn(4, 5, device="{device}")
+        for loss, extra in (("multi_similarity", {{}}), ("proxy_nca", {{"proxies": proxies}})):
+            torch._dynamo.reset()
+            step = torch.compile(lambda e, y: metrix_loss(e, y, loss=loss, pairs="pos-neg", lam=0.4, **extra),
+                                 backend="aot_eager", fullgraph=True)
+            step(emb, labels).backward()
+            assert torch.isfinite(emb.grad).all()
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=600)

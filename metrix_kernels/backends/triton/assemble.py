@@ -69,11 +69,15 @@ def _rho(total, mass, scale, fill, EXP: tl.constexpr, RHO: tl.constexpr, PER_MAS
 def _tau(x, TAU: tl.constexpr):
     """(tau(x), tau'(x)), with relu' = 0 at 0 as torch takes it."""
     if TAU == 0:
-        return x, tl.full(x.shape, 1.0, tl.float32)
+        value = x
+        slope = tl.full(x.shape, 1.0, tl.float32)
     elif TAU == 1:
-        return tl.maximum(x, 0.0), tl.where(x > 0, 1.0, 0.0)
+        value = tl.maximum(x, 0.0)
+        slope = tl.where(x > 0, 1.0, 0.0)
     else:
-        return _softplus(x), _sigmoid(x)
+        value = _softplus(x)
+        slope = _sigmoid(x)
+    return value, slope
 
 
 @triton.jit
