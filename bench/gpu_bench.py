@@ -3,8 +3,9 @@
     python bench/gpu_bench.py --out RESULTS_DIR [--backends triton,cuda] [--device cpu --tiny]
 
 Rows: multi_similarity and contrastive, clean and Metrix embedding mixup over all pos-neg pairs,
-B = 128..8192, d = 512; proxy_anchor with 100 and 10,000 proxies; then the largest batch that fits
-with all-pairs embedding mixup, fused vs reference. Every column but PML's calls
+B = 128..8192, d = 512; proxy_anchor with 100 and 10,000 proxies; the largest batch that fits with
+all-pairs embedding mixup, fused vs reference; last, multi_similarity at B = 256 and 1024 through
+torch.compile(mode="reduce-overhead"). Every column but PML's calls
 metrix_loss(..., pairs="pos-neg", lam=0.4, backend=...), the user's path. Labels: 4 per class.
 Ratios are computed within this run.
 """
@@ -17,6 +18,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 
 
 def parse():
@@ -49,6 +51,8 @@ D = 16 if ARGS.tiny else 512
 BATCHES = [8, 24] if ARGS.tiny else [128, 256, 512, 1024, 2048, 4096, 8192]
 PROXY_BATCHES = [8, 24] if ARGS.tiny else [256, 1024, 4096]
 PROXY_COUNTS = [5, 40] if ARGS.tiny else [100, 10_000]
+COMPILED_BATCHES = [8] if ARGS.tiny else [256, 1024]
+COMPILED = "compiled"  # the first fused backend under torch.compile(mode="reduce-overhead")
 MAX_FIT = 64 if ARGS.tiny else 32_768  # the largest-batch search stops here
 FIT_OVER_REFERENCE = 16  # and, for the fused paths, at this multiple of the reference's (the target is 8x)
 SLOW_CALL = 2.0  # seconds: a cell whose call takes longer is timed once, and larger B are skipped
@@ -80,6 +84,11 @@ def make_fn(impl, name, mode, emb, labels, prox):
             fn = {"multi_similarity": pml_losses.MultiSimilarityLoss, "contrastive": pml_losses.ContrastiveLoss}[name]()
         return lambda: fn(emb, labels).backward()
     mixup = None if mode == "clean" else "embedding"
+    if impl == COMPILED:
+        step = torch.compile(lambda e, y: metrix_loss(e, y, loss=name, mixup=mixup, pairs="pos-neg", lam=LAM,
+                                                      proxies=prox, backend=ARGS.backends.split(",")[0]),
+                             mode="reduce-overhead")
+        return lambda: step(emb, labels).backward()
 
     def run():  # the user's call: metrix_loss with this backend ("reference" included)
         metrix_loss(emb, labels, loss=name, mixup=mixup, pairs="pos-neg", lam=LAM, proxies=prox, backend=impl).backward()
@@ -127,7 +136,7 @@ def measure(fn):
 
 
 def attempt(impl, name, mode, b, proxies=0):
-    """Measure one cell; out-of-memory and missing cases are recorded, not raised. Each row keeps the
+    """Measure one cell; out-of-memory, errors and missing cases are recorded, not raised. Each row keeps the
     cell's wall time (compilation and warm-up included), which says where the table's time goes."""
     status, ms, mb = "ok", float("nan"), float("nan")
     began = time.perf_counter()
@@ -143,6 +152,9 @@ def attempt(impl, name, mode, b, proxies=0):
                 ms, mb = measure(fn)
         except torch.OutOfMemoryError:
             status = "OOM"
+        except Exception as err:  # recorded, so that one broken case does not cost the rest of a GPU session
+            traceback.print_exc()
+            status = f"error: {type(err).__name__} (bench.log)"
         finally:
             emb = labels = prox = fn = None
             if CUDA:
@@ -232,6 +244,11 @@ def main():
                 for impl in impls:
                     attempt(impl, "proxy_anchor", mode, b, count)
     write(fused, fits, limits)
+    # last, as each case compiles for tens of seconds: the fixed per-call cost without Python and launches
+    for mode in ("embedding", "clean"):
+        for b in COMPILED_BATCHES:
+            attempt(COMPILED, "multi_similarity", mode, b)
+    write(fused, fits, limits)
 
 
 def limit_lines(fused, limits):
@@ -256,6 +273,24 @@ def limit_lines(fused, limits):
             rate = 3 * b * 4 * (b - 4) / sec  # anchors x (P(a) + {a}) x N(a), 4 per class; fwd + 2 bwd passes
             lines.append(f"| {row['impl']} | {row['loss']} | embedding | {b} | {rate / 1e9:.1f} G mixed-pair"
                          f" evaluations/s | {rate / exp_rate:.1%} of one exp per evaluation |")
+    return lines
+
+
+def compiled_lines(by, lead):
+    """The compiled rows beside the same cases run eagerly."""
+    rows = [r for r in ROWS if r["impl"] == COMPILED]
+    if not rows:
+        return []
+    lines = ["", f"{lead} under torch.compile(mode=\"reduce-overhead\") (CUDA graphs on a GPU; the second call"
+             " records them and gives the peak):", "",
+             "| loss | mode | B | compiled ms / peak | eager | reference / compiled time | compiled / pml time |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        key = (r["loss"], r["mode"], r["B"], r["proxies"])
+        eager, ref, pml = (by.get(key + (i,)) for i in (lead, "reference", "pml"))
+        ratio = lambda a, b: f"{a['ms'] / b['ms']:.2f}" if a and b and a["status"] == b["status"] == "ok" else ""
+        lines.append(f"| {r['loss']} | {r['mode']} | {r['B']} | {cell(r)} | {cell(eager) if eager else ''} | "
+                     f"{ratio(ref, r)} | {ratio(r, pml)} |")
     return lines
 
 
@@ -304,7 +339,7 @@ def write(fused, fits, limits=None):
         fit_lines.append(f"- {impl}: {best}{f' ({cut})' if cut else ''}")
     if fused and fits.get("reference", (0,))[0]:
         fit_lines.append(f"- ratio {lead} / reference: >= {fits[lead][0] / fits['reference'][0]:.0f}x")
-    text = "\n".join(header + lines + fit_lines + limit_lines(fused, limits)) + "\n"
+    text = "\n".join(header + lines + fit_lines + compiled_lines(by, lead) + limit_lines(fused, limits)) + "\n"
     with open(os.path.join(ARGS.out, "gpu-bench.md"), "w") as handle:
         handle.write(text)
     with open(os.path.join(ARGS.out, "gpu-bench.csv"), "w", newline="") as handle:
