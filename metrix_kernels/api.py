@@ -106,8 +106,8 @@ def validate(embeddings, labels, row, proxies, mixup, features, head, inputs, mo
         if proxies.shape[0] < minimum:
             raise ValueError(f"loss {row.name!r} needs at least {minimum} proxies, got {proxies.shape[0]}")
         # a host sync: compiled code leaves it out rather than break its graph here
-        in_range = torch.compiler.is_compiling() or not labels.numel()
-        if not in_range and (int(labels.min()) < 0 or int(labels.max()) >= proxies.shape[0]):
+        skip_range_check = torch.compiler.is_compiling() or not labels.numel()
+        if not skip_range_check and (int(labels.min()) < 0 or int(labels.max()) >= proxies.shape[0]):
             raise ValueError(
                 f"labels must lie in [0, {proxies.shape[0]}) to index the proxies, "
                 f"got values in [{int(labels.min())}, {int(labels.max())}]"

@@ -1,5 +1,5 @@
 // The loss from per-anchor term statistics (family.assemble) and its gradient in closed form, in
-// double: the formula under autograd is some fifty small torch ops per call, 0.4 ms at B = 256.
+// double: the formula under autograd is some fifty small torch ops per call.
 // Codes: metrix_kernels.backends.AssemblyCodes, flattened to doubles.
 #include "common.h"
 #include "kernels.h"
@@ -32,13 +32,6 @@ Codes codes_from(const std::vector<double>& v) {
   return {term(0), term(5), static_cast<int>(v[10]), static_cast<int>(v[11])};
 }
 
-double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::abs(x))); }
-
-double sigmoid(double x) {
-  const double e = std::exp(-std::abs(x));
-  return x >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
-}
-
 // (rho of the term, its derivative in the term sum); an empty term (mass <= 0) is (fill, 0).
 std::pair<double, double> rho(const Term& t, double total, double mass) {
   if (mass <= 0) return {t.fill, 0.0};
@@ -47,7 +40,7 @@ std::pair<double, double> rho(const Term& t, double total, double mass) {
     switch (t.rho) {
       case IDENTITY: value = slope = std::exp(total); break;
       case LOG: break;
-      case LOG1P: value = softplus(total), slope = sigmoid(total); break;
+      case LOG1P: value = sigma_value(SOFTPLUS, total), slope = sigma_grad(SOFTPLUS, total); break;
       default: value = -total, slope = -1.0;
     }
   }
@@ -58,8 +51,8 @@ std::pair<double, double> rho(const Term& t, double total, double mass) {
 // (tau(x), tau'(x)), relu' = 0 at 0 as torch takes it.
 std::pair<double, double> tau(int form, double x) {
   if (form == TAU_IDENTITY) return {x, 1.0};
-  if (form == TAU_RELU) return {std::max(x, 0.0), x > 0 ? 1.0 : 0.0};
-  return {softplus(x), sigmoid(x)};
+  const int sigma = form == TAU_RELU ? HINGE : SOFTPLUS;  // relu and softplus are sigma forms too
+  return {sigma_value(sigma, x), sigma_grad(sigma, x)};
 }
 
 // One anchor's statistics, read from stats [6, A] at column a.
@@ -120,11 +113,19 @@ void gradient(const Codes& c, const T* s, int64_t A, const double* divisors, dou
   }
 }
 
+void check_stats(const std::vector<at::Tensor>& stats) {
+  TORCH_CHECK(stats.size() == 1 || stats.size() == 2, "assemble takes one or two statistics tensors");
+  for (const auto& s : stats) {
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == 6, "assemble takes statistics [6, A], got ", s.sizes());
+    TORCH_CHECK(s.scalar_type() == stats[0].scalar_type(), "assemble's statistics must share one dtype");
+  }
+}
+
 }  // namespace
 
 std::vector<at::Tensor> assemble_forward(std::vector<at::Tensor> stats, double weight, std::vector<double> codes) {
   const Codes c = codes_from(codes);
-  TORCH_CHECK(stats.size() == 1 || stats.size() == 2, "assemble takes one or two statistics tensors");
+  check_stats(stats);
   auto loss = at::empty({}, stats[0].options());
   auto divisors = at::empty({int64_t(stats.size()), 2}, stats[0].options().dtype(at::kDouble));
   dispatch(stats[0], [&](auto zero) {
@@ -143,6 +144,7 @@ std::vector<at::Tensor> assemble_forward(std::vector<at::Tensor> stats, double w
 std::vector<at::Tensor> assemble_backward(std::vector<at::Tensor> stats, double weight, at::Tensor divisors,
                                           at::Tensor grad_loss, std::vector<double> codes) {
   const Codes c = codes_from(codes);
+  check_stats(stats);
   const double upstream = grad_loss.item<double>();
   std::vector<at::Tensor> grads;
   dispatch(stats[0], [&](auto zero) {

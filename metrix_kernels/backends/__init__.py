@@ -1,8 +1,9 @@
 """Fused backends: the kernel contract every backend (triton, cpu, cuda) implements.
 
 The ops layer (``metrix_kernels.ops``) owns the autograd.Functions and calls a backend module
-through the functions below. A backend never imports the api. All embeddings reaching a backend
-are already L2-normalized and contiguous; statistics are float32 (float64 for float64 inputs).
+through the functions below. A backend never imports the api. All embeddings reaching the pair ops
+(pairwise, gram_mixed) are already L2-normalized and contiguous; statistics are float32 (float64
+for float64 inputs).
 
 Per-row statistics (``family.TermStats``), returned as one tensor ``stats`` [6, R]:
     0 pos_sum   sum_v w_pos * sigma_pos(x)    (log of it where sigma_pos.form == "exp"; -inf if empty)
@@ -46,9 +47,9 @@ Optional (the ops layer uses torch ops where a backend has none):
     unit_rows_forward(x [N, d]) -> (y = x / norm, norm = max(|x|, 1e-12) [N, 1])
     unit_rows_backward(grad [N, d], y, norm) -> grad_x, the gradient of F.normalize(x, dim=-1)
     assemble_forward(row, terms, stats, weight) -> (loss [], saved)
-        family.assemble(row, terms, stats[0]) + weight * family.assemble(row, terms, stats[1]) (the
-        second term where stats has two tensors, [6, A_0] and [6, A_1]; see assembly_codes), in the
-        statistics' dtype
+        loss(stats[0]) + weight * loss(stats[1]) for one or two statistics tensors [6, A_k] (the
+        second term only where there are two), loss(s) = family.assemble(row, terms, TermStats(*s));
+        see assembly_codes; in the statistics' dtype
     assemble_backward(row, terms, stats, weight, saved, grad_loss []) -> (grad [6, A_k] per stats tensor)
         the gradients of the two term sums (rows 0, 1) and zeros for the counts (rows 2-5)
 """
@@ -106,5 +107,7 @@ class AssemblyCodes(NamedTuple):
 def assembly_codes(row: LossRow, terms: Terms) -> AssemblyCodes:
     codes = []
     for sigma, rho in ((terms.sigma_pos, terms.rho_pos), (terms.sigma_neg, terms.rho_neg)):
+        if sigma.form != "exp" and rho.form != "identity":  # as family.assemble
+            raise ValueError(f"rho {rho.form!r} needs an exponential sigma")
         codes += [sigma.form == "exp", RHO_FORMS.index(rho.form), rho.per_mass, float(rho.scale), rho.empty_value]
     return AssemblyCodes(*codes, TAU_FORMS.index(terms.tau), REDUCTIONS.index(row.reduction))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..backends import (
     MEMBER_ALL,
@@ -89,6 +90,7 @@ class _Assembled(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         *stats, divisors = ctx.saved_tensors
         grads = ctx.kernels.assemble_backward(ctx.row, ctx.terms, tuple(stats), ctx.weight, divisors, grad)
@@ -104,7 +106,7 @@ def _assemble(row: LossRow, terms: Terms, dtype, backend: str, first: torch.Tens
               second: Optional[torch.Tensor] = None, weight: float = 1.0) -> torch.Tensor:
     """family.assemble(first) + weight * family.assemble(second) from statistics [6, A]: by the
     backend's kernels where it has them (not in compiled code, which traces the formula), else by the
-    formula under autograd (some twenty small ops each way), in one pass where the two have as many
+    formula under autograd (some fifty small ops per call), in one pass where the two have as many
     anchors (all but the proxy-candidate losses, whose mixed anchors are the mixed examples)."""
     kernels = None if torch.compiler.is_compiling() else backend_module(backend)
     stats = (first,) if second is None else (first, second)
@@ -151,7 +153,7 @@ def error_function(
 ) -> torch.Tensor:
     """reference.error_function on a fused backend: clean_loss + weight * mixed_loss from one normalized
     (and, for the Gram op, class-sorted) copy of the batch, where the two separately make two or three;
-    one assembly of both."""
+    the two losses are assembled together."""
     e, e_labels = _normalized(row, embeddings, labels, plan, mixup, backend)
     clean = _clean_stats(row, terms, e, e_labels, proxies, backend)
     mixed = _mixed_stats(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model,

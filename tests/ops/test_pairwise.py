@@ -91,8 +91,9 @@ def test_normalize_matches_torch(rows, d, scale, dtype, backend, seed):
     """The fused paths' row normalization against F.normalize, zero rows included: the cpu kernels
     (threaded above 2^14 elements), the triton ones, and the torch formula of backends without them."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, d, generator=gen, dtype=dtype) * scale
-    g = torch.randn(rows, d, generator=gen, dtype=dtype)
+    on = DEVICE if backend == "triton" else "cpu"
+    x = (torch.randn(rows, d, generator=gen, dtype=dtype) * scale).to(on)
+    g = torch.randn(rows, d, generator=gen, dtype=dtype).to(on)
     a, b = x.clone().requires_grad_(), x.double().clone().requires_grad_()
     ours = _UnitRows.apply(a, None) if backend == "formula" else _normalize(a, dtype, backend)
     theirs = torch.nn.functional.normalize(b, dim=-1)
@@ -102,6 +103,18 @@ def test_normalize_matches_torch(rows, d, scale, dtype, backend, seed):
     size = float(g.abs().max()) / max(float(x.norm(dim=1).min()), 1e-12)
     torch.testing.assert_close(torch.autograd.grad(ours, a, g)[0].double(), torch.autograd.grad(theirs, b, g.double())[0],
                                rtol=tol, atol=tol * size)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "formula"])
+def test_normalize_keeps_nan_rows(backend):
+    """A row with a NaN comes out all NaN, as from F.normalize (a clamp that drops NaN would scale the
+    row's finite entries by 1e12 instead); the other rows are untouched."""
+    if backend == "cpu":
+        skip_unless_usable(backend)
+    x = torch.tensor([[1.0, float("nan"), 2.0], [3.0, 4.0, 0.0]], device="cpu" if backend == "cpu" else DEVICE)
+    y = _UnitRows.apply(x, None) if backend == "formula" else _normalize(x, torch.float32, backend)
+    assert torch.isnan(y[0]).all()
+    close(y[1:], torch.nn.functional.normalize(x[1:], dim=-1))
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])

@@ -1,6 +1,6 @@
 """The loss from per-anchor term statistics (family.assemble) in one launch each way.
 
-family.assemble under autograd is some twenty small torch ops forward and thirty backward; at small
+family.assemble under autograd is some fifty small torch ops per call (forward and backward); at small
 batches on a GPU their launches cost more than the similarity kernels. Here one program reduces the
 statistics of one or two losses (an error function's clean and mixed parts) to their weighted sum,
 and one launch writes the gradient of every anchor's two term sums, computed in closed form:
@@ -20,19 +20,14 @@ import triton.language as tl
 
 from ...backends import assembly_codes
 from ...family import LossRow, Terms
-from .common import INTERPRET
+from .common import INTERPRET, softplus
 
 BLOCK = 16 if INTERPRET else 1024  # anchors per step: interpreted tests then span several steps
 
 
 @triton.jit
-def _softplus(x):
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-
-
-@triton.jit
 def _sigmoid(x):
-    """Without an overflowing exp (tl.sigmoid's exp(-x) is inf for x below -88)."""
+    """tl.sigmoid's values without its exp(-x), which overflows below x = -88 (an interpreter warning)."""
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
@@ -50,7 +45,7 @@ def _rho(total, mass, scale, fill, EXP: tl.constexpr, RHO: tl.constexpr, PER_MAS
             value = safe
             slope = tl.full(safe.shape, 1.0, tl.float32)
         elif RHO == 2:
-            value = _softplus(safe)
+            value = softplus(safe)
             slope = _sigmoid(safe)
         else:
             value = -safe
@@ -72,10 +67,10 @@ def _tau(x, TAU: tl.constexpr):
         value = x
         slope = tl.full(x.shape, 1.0, tl.float32)
     elif TAU == 1:
-        value = tl.maximum(x, 0.0)
+        value = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
         slope = tl.where(x > 0, 1.0, 0.0)
     else:
-        value = _softplus(x)
+        value = softplus(x)
         slope = _sigmoid(x)
     return value, slope
 
@@ -194,10 +189,11 @@ def _codes(row: LossRow, terms: Terms) -> tuple[tuple[float, ...], dict]:
 
 
 def _pair(stats):
-    """The two statistics tensors a launch takes (the first again when there is one) and the weight-free
-    arguments: (stats0, A0, stats1, A1)."""
-    first = stats[0]
-    second = stats[1] if len(stats) == 2 else first
+    """(stats0, A0, stats1, A1) of a launch: the second tensor is the first again when there is one."""
+    if any(s.dtype != torch.float32 or s.dim() != 2 or s.shape[0] != 6 for s in stats):
+        raise TypeError(f"assemble takes float32 statistics [6, A], got {[(s.dtype, tuple(s.shape)) for s in stats]}")
+    first = stats[0].contiguous()
+    second = stats[1].contiguous() if len(stats) == 2 else first
     return first, first.shape[1], second, second.shape[1]
 
 
@@ -217,10 +213,11 @@ def assemble_backward(row: LossRow, terms: Terms, stats: tuple, weight: float, d
                       grad_loss: torch.Tensor) -> tuple:
     """The gradient [6, A_k] of each statistics tensor (zeros in the count rows 2-5)."""
     scalars, consts = _codes(row, terms)
-    grads = tuple(torch.empty_like(s) for s in stats)
+    pair = _pair(stats)
+    grads = tuple(torch.empty(s.shape, device=s.device, dtype=s.dtype) for s in stats)
     width = max(s.shape[1] for s in stats)
     if width:
         _backward[(triton.cdiv(width, BLOCK), len(stats))](
-            *_pair(stats), float(weight), divisors, grad_loss.contiguous(), grads[0], grads[-1], *scalars,
+            *pair, float(weight), divisors, grad_loss.contiguous(), grads[0], grads[-1], *scalars,
             **consts, BLOCK=BLOCK, num_warps=4)
     return grads

@@ -163,6 +163,12 @@ def sigma_dx(s, scale, OF: tl.constexpr):
 
 
 @triton.jit
+def softplus(x):
+    """log(1 + exp(x)) without overflow."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
 def term_update(m, total, mass, nnz, x, w, FORM: tl.constexpr, THREE_D: tl.constexpr):
     """Fold a tile of arguments x with weights w into a row's running term statistics.
 
@@ -180,7 +186,7 @@ def term_update(m, total, mass, nnz, x, w, FORM: tl.constexpr, THREE_D: tl.const
             value = tl.maximum(x, 0.0)
             counted = used & (x > 0)
         else:
-            value = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+            value = softplus(x)
             counted = used  # softplus > 0 everywhere, though it may underflow in float32
         total = total + row_sum(tl.where(used, w * value, 0.0), THREE_D)
     mass = mass + row_sum(w, THREE_D)

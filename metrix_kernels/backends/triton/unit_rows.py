@@ -1,6 +1,7 @@
 """Row normalization y = x / max(|x|, 1e-12) (F.normalize's) and its backward, one launch each way:
 torch's formula takes three launches forward and six backward, a fixed cost that shows next to the
-loss kernels at small batches. float32 accumulation (float64 for float64 rows)."""
+loss kernels at small batches. float32 accumulation (float64 rows in float64, for direct calls: the ops
+layer hands this backend float32)."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,8 @@ def _forward(x, y, norm, N, D, EPS: tl.constexpr, WIDE: tl.constexpr, BR: tl.con
         v = tl.load(x + offs_r[:, None] * D + offs_d[None, :], mask=in_r & (offs_d < D)[None, :], other=0.0)
         v = v.to(acc.dtype)
         acc += tl.sum(v * v, axis=1)
-    n = tl.maximum(tl.sqrt(acc), tl.full([BR], EPS, acc.dtype))  # a bare constant would be float32
+    # a bare constant would be float32; NaN rows stay NaN, as in F.normalize
+    n = tl.maximum(tl.sqrt(acc), tl.full([BR], EPS, acc.dtype), propagate_nan=tl.PropagateNan.ALL)
     tl.store(norm + offs_r, n, mask=offs_r < N)
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
