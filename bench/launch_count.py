@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import statistics
+import time
 import traceback
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
@@ -58,6 +60,24 @@ def count(step) -> dict:
     return {**counter.counts, "triton launches": launches[0]}
 
 
+def host_time(step, calls=300) -> float:
+    """Median microseconds per call with every Triton launch a no-op: the Python, dispatch and torch-op
+    cost of the call on this CPU (the torch ops run on tiny CPU tensors), without the launches'."""
+    run = triton.runtime.interpreter.InterpretedFunction.run
+    triton.runtime.interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None
+    try:
+        for _ in range(20):
+            step()
+        times = []
+        for _ in range(calls):
+            begin = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - begin)
+    finally:
+        triton.runtime.interpreter.InterpretedFunction.run = run
+    return 1e6 * statistics.median(times)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
@@ -86,13 +106,14 @@ def main():
     except ImportError:
         print("pytorch-metric-learning not importable: its row is left out")
     keys = ["torch launches", "triton launches", "dispatches without a launch"]
-    print(f"B = {args.batch}, d = {args.dim}, one forward + backward, torch {torch.__version__}, triton {triton.__version__}")
-    print("| call | " + " | ".join(keys) + " | launches in all |")
-    print("|---|" + "---|" * (len(keys) + 1))
+    print(f"B = {args.batch}, d = {args.dim}, one forward + backward, torch {torch.__version__}, triton {triton.__version__},"
+          f" {torch.get_num_threads()} threads")
+    print("| call | " + " | ".join(keys) + " | launches in all | host us per call, Triton launches left out |")
+    print("|---|" + "---|" * (len(keys) + 2))
     for name, step in cases.items():
         c = count(step)
         print(f"| {name} | " + " | ".join(str(c.get(k, 0)) for k in keys)
-              + f" | {c.get('torch launches', 0) + c.get('triton launches', 0)} |")
+              + f" | {c.get('torch launches', 0) + c.get('triton launches', 0)} | {host_time(step):.0f} |")
 
 
 if __name__ == "__main__":
