@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import importlib
 from functools import lru_cache
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
 from ..backends import KernelConfig
 from ..family import Sigma
@@ -53,6 +54,12 @@ def _dense(kernel: Callable) -> Callable:
         return out.contiguous() if isinstance(out, torch.Tensor) else tuple(x.contiguous() for x in out)
 
     return run
+
+
+def none_if_free_zeros(grad: Tensor) -> Optional[Tensor]:
+    """None for the memory-free expanded zeros a backend returns for the second side of an op whose
+    two sides are one tensor (every stride 0): autograd then adds nothing where it would add zeros."""
+    return None if grad.dim() and not any(grad.stride()) else grad
 
 
 class Kernels(NamedTuple):

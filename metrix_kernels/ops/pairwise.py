@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..backends import KernelConfig
-from ._dispatch import backend_module, flatten, fused_op, unflatten
+from ._dispatch import backend_module, flatten, fused_op, none_if_free_zeros, unflatten
 
 
 def _forward(
@@ -51,7 +51,8 @@ def _backward(ctx, grad_stats):
     grad = grad_stats.to(stats.dtype)
     grad_rows, grad_cols = ctx.kernels.backward(*tensors, *ctx.scalars, stats, grad[0].contiguous(),
                                                 grad[1].contiguous())
-    return grad_rows, None, None, None, grad_cols, None, None, None, None, None, None, None, None, None
+    return (none_if_free_zeros(grad_rows), None, None, None, none_if_free_zeros(grad_cols), None, None, None, None,
+            None, None, None, None, None)
 
 
 _call = fused_op("metrix::pairwise", _forward, _forward_fake, _backward_kernel, _backward_fake, _setup_context,

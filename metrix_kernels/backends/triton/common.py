@@ -9,6 +9,7 @@ pairwise kernels and 3-D (anchor x i x j) for the Gram kernels, hence the THREE_
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,8 +33,14 @@ def interpretable(x):
 
 def zeros_like_free(x, dtype):
     """Zeros of x's shape that take no memory (one element, expanded): the gradient a backward returns
-    for the second side of an op whose two sides are one tensor, their sum going to the first."""
-    return torch.zeros((), device=x.device, dtype=dtype).expand(x.shape)
+    for the second side of an op whose two sides are one tensor, their sum going to the first. The
+    element is made once per device and dtype (no launch per call); it is only ever read."""
+    return _zero(x.device, dtype).expand(x.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros((), device=device, dtype=dtype)
 
 
 def sigma_codes(sigma: Sigma) -> tuple[int, int, float, float]:

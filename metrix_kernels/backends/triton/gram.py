@@ -317,8 +317,8 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
     b = emb.shape[0]
     if na == 0 or b == 0:
         return torch.zeros_like(anchors, dtype=dtype), torch.zeros_like(emb, dtype=dtype)
-    grad_emb = torch.zeros(b, d, device=anchors.device, dtype=torch.float32)
-    grad_anchors = grad_emb if same else torch.zeros(na, d, device=anchors.device, dtype=torch.float32)
+    grad_emb = torch.empty(b, d, device=anchors.device, dtype=torch.float32)
+    grad_anchors = grad_emb if same else torch.empty(na, d, device=anchors.device, dtype=torch.float32)
     tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
     ba, be, bk = _blocks(d)
     grads = (stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous())
@@ -339,8 +339,16 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
             *tensors, *grads, i_ranges, block, a0, a1, na, b, d, *scalars, **consts, RANGES=use_ranges, BA=ba,
             BE=be, BK=bk, num_warps=4)
         dp = block[: a1 - a0]
-        grad_anchors[a0:a1].addmm_(dp, e32)
-        grad_emb.addmm_(dp.T, a32[a0:a1])
+        # the first chunk writes the embeddings' gradient, the others add to it; each chunk writes its
+        # anchors' (adds, when the anchors are the embeddings): no zero-filled buffers
+        if a0 == 0:
+            torch.mm(dp.T, a32[a0:a1], out=grad_emb)
+        else:
+            grad_emb.addmm_(dp.T, a32[a0:a1])
+        if same:
+            grad_anchors[a0:a1].addmm_(dp, e32)
+        else:
+            torch.mm(dp, e32, out=grad_anchors[a0:a1])
     for i0 in range(0, b, chunk):
         i1 = min(i0 + chunk, b)
         _grad_g[(triton.cdiv(i1 - i0, be), triton.cdiv(b, be))](

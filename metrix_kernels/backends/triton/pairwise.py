@@ -179,8 +179,8 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
     v = cols.shape[0]
     if r == 0 or v == 0:
         return torch.zeros_like(rows, dtype=dtype), torch.zeros_like(cols, dtype=dtype)
-    grad_cols = torch.zeros(v, d, device=rows.device, dtype=torch.float32)
-    grad_rows = grad_cols if same else torch.zeros(r, d, device=rows.device, dtype=torch.float32)
+    grad_cols = torch.empty(v, d, device=rows.device, dtype=torch.float32)
+    grad_rows = grad_cols if same else torch.empty(r, d, device=rows.device, dtype=torch.float32)
     tensors, scalars, consts = _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i,
                                             col_label_j, col_index, member_mask, lam, cfg)
     br, bv, bk = _blocks(d, rows.dtype)
@@ -194,6 +194,14 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
             *tensors, stats, g_pos, g_neg, ds, r0, r1, r, v, d, *scalars, **consts, BR=br, BV=bv, BK=bk,
             num_warps=4)
         block = ds[: r1 - r0]
-        grad_rows[r0:r1].addmm_(block, cols32)
-        grad_cols.addmm_(block.T, rows32[r0:r1])
+        # the first chunk writes the columns' gradient, the others add to it; each chunk writes its
+        # rows' (adds, when rows are the columns): no zero-filled buffers
+        if r0 == 0:
+            torch.mm(block.T, rows32[r0:r1], out=grad_cols)
+        else:
+            grad_cols.addmm_(block.T, rows32[r0:r1])
+        if same:
+            grad_rows[r0:r1].addmm_(block, cols32)
+        else:
+            torch.mm(block, cols32, out=grad_rows[r0:r1])
     return grad_rows.to(dtype), zeros_like_free(cols, dtype) if same else grad_cols.to(dtype)
