@@ -43,6 +43,21 @@ def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros((), device=device, dtype=dtype)
 
 
+def add_chunk_products(block, r0, r1, rows, cols, grad_rows, grad_cols, same):
+    """Fold one chunk of derivatives block = dLoss/d<row, col> (rows r0:r1 x all cols) into the
+    gradients: grad_rows[r0:r1] gets block @ cols, grad_cols block^T @ rows[r0:r1]. The first chunk
+    writes grad_cols and later ones add to it; each chunk writes its rows' share (adds it, when the rows
+    are the columns and grad_rows is grad_cols): no zero-filled buffers."""
+    if r0 == 0:
+        torch.mm(block.T, rows[r0:r1], out=grad_cols)
+    else:
+        grad_cols.addmm_(block.T, rows[r0:r1])
+    if same:
+        grad_rows[r0:r1].addmm_(block, cols)
+    else:
+        torch.mm(block, cols, out=grad_rows[r0:r1])
+
+
 def sigma_codes(sigma: Sigma) -> tuple[int, int, float, float]:
     return FORMS[sigma.form], INPUTS[sigma.of], float(sigma.scale), float(sigma.shift)
 

@@ -27,6 +27,7 @@ import triton.language as tl
 from ...backends import LABEL_NEGATIVE, MEMBER_ANC_NEG, MEMBER_NEG_NEG, MEMBER_POS_NEG, MEMBER_POS_POS
 from .common import (
     INTERPRET,
+    add_chunk_products,
     dot_precision,
     interpretable,
     label_factor,
@@ -338,17 +339,7 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
         _grad_p[(triton.cdiv(a1 - a0, ba), triton.cdiv(b, be))](
             *tensors, *grads, i_ranges, block, a0, a1, na, b, d, *scalars, **consts, RANGES=use_ranges, BA=ba,
             BE=be, BK=bk, num_warps=4)
-        dp = block[: a1 - a0]
-        # the first chunk writes the embeddings' gradient, the others add to it; each chunk writes its
-        # anchors' (adds, when the anchors are the embeddings): no zero-filled buffers
-        if a0 == 0:
-            torch.mm(dp.T, a32[a0:a1], out=grad_emb)
-        else:
-            grad_emb.addmm_(dp.T, a32[a0:a1])
-        if same:
-            grad_anchors[a0:a1].addmm_(dp, e32)
-        else:
-            torch.mm(dp, e32, out=grad_anchors[a0:a1])
+        add_chunk_products(block[: a1 - a0], a0, a1, a32, e32, grad_anchors, grad_emb, same)
     for i0 in range(0, b, chunk):
         i1 = min(i0 + chunk, b)
         _grad_g[(triton.cdiv(i1 - i0, be), triton.cdiv(b, be))](

@@ -20,6 +20,7 @@ from .. import LABEL_NEGATIVE
 from .common import (
     INTERPRET,
     MIN_BLOCK,
+    add_chunk_products,
     dot_precision,
     interpretable,
     k_block,
@@ -193,15 +194,5 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
         _grad_s[(triton.cdiv(r1 - r0, br), triton.cdiv(v, bv))](
             *tensors, stats, g_pos, g_neg, ds, r0, r1, r, v, d, *scalars, **consts, BR=br, BV=bv, BK=bk,
             num_warps=4)
-        block = ds[: r1 - r0]
-        # the first chunk writes the columns' gradient, the others add to it; each chunk writes its
-        # rows' (adds, when rows are the columns): no zero-filled buffers
-        if r0 == 0:
-            torch.mm(block.T, rows32[r0:r1], out=grad_cols)
-        else:
-            grad_cols.addmm_(block.T, rows32[r0:r1])
-        if same:
-            grad_rows[r0:r1].addmm_(block, cols32)
-        else:
-            torch.mm(block, cols32, out=grad_rows[r0:r1])
+        add_chunk_products(ds[: r1 - r0], r0, r1, rows32, cols32, grad_rows, grad_cols, same)
     return grad_rows.to(dtype), zeros_like_free(cols, dtype) if same else grad_cols.to(dtype)

@@ -14,22 +14,25 @@ EPS = 1e-12  # F.normalize's
 
 
 @triton.jit
+def _tile(offs_r, d0, N, D, BD: tl.constexpr):
+    """(offsets, mask) of the [rows, BD] tile at column d0."""
+    offs_d = d0 + tl.arange(0, BD)
+    return offs_r[:, None] * D + offs_d[None, :], (offs_r < N)[:, None] & (offs_d < D)[None, :]
+
+
+@triton.jit
 def _forward(x, y, norm, N, D, EPS: tl.constexpr, WIDE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     offs_r = tl.program_id(0) * BR + tl.arange(0, BR)
-    in_r = (offs_r < N)[:, None]
     acc = tl.zeros([BR], dtype=tl.float64 if WIDE else tl.float32)
     for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        v = tl.load(x + offs_r[:, None] * D + offs_d[None, :], mask=in_r & (offs_d < D)[None, :], other=0.0)
-        v = v.to(acc.dtype)
+        at, inside = _tile(offs_r, d0, N, D, BD)
+        v = tl.load(x + at, mask=inside, other=0.0).to(acc.dtype)
         acc += tl.sum(v * v, axis=1)
     # a bare constant would be float32; NaN rows stay NaN, as in F.normalize
     n = tl.maximum(tl.sqrt(acc), tl.full([BR], EPS, acc.dtype), propagate_nan=tl.PropagateNan.ALL)
     tl.store(norm + offs_r, n, mask=offs_r < N)
     for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        at = offs_r[:, None] * D + offs_d[None, :]
-        inside = in_r & (offs_d < D)[None, :]
+        at, inside = _tile(offs_r, d0, N, D, BD)
         v = tl.load(x + at, mask=inside, other=0.0).to(acc.dtype)
         tl.store(y + at, (v / n[:, None]).to(y.dtype.element_ty), mask=inside)
 
@@ -38,21 +41,15 @@ def _forward(x, y, norm, N, D, EPS: tl.constexpr, WIDE: tl.constexpr, BR: tl.con
 def _backward(grad, y, norm, out, N, D, EPS: tl.constexpr, WIDE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     """dx = (g - y <g, y>) / |x|, or g / eps where the norm was clamped (no gradient through the norm)."""
     offs_r = tl.program_id(0) * BR + tl.arange(0, BR)
-    in_r = (offs_r < N)[:, None]
     n = tl.load(norm + offs_r, mask=offs_r < N, other=1.0)
     along = tl.zeros([BR], dtype=n.dtype)
     for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        at = offs_r[:, None] * D + offs_d[None, :]
-        inside = in_r & (offs_d < D)[None, :]
+        at, inside = _tile(offs_r, d0, N, D, BD)
         g = tl.load(grad + at, mask=inside, other=0.0).to(n.dtype)
-        u = tl.load(y + at, mask=inside, other=0.0).to(n.dtype)
-        along += tl.sum(g * u, axis=1)
+        along += tl.sum(g * tl.load(y + at, mask=inside, other=0.0).to(n.dtype), axis=1)
     along = tl.where(n > tl.full([BR], EPS, n.dtype), along, 0.0)
     for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        at = offs_r[:, None] * D + offs_d[None, :]
-        inside = in_r & (offs_d < D)[None, :]
+        at, inside = _tile(offs_r, d0, N, D, BD)
         g = tl.load(grad + at, mask=inside, other=0.0).to(n.dtype)
         u = tl.load(y + at, mask=inside, other=0.0).to(n.dtype)
         tl.store(out + at, ((g - u * along[:, None]) / n[:, None]).to(out.dtype.element_ty), mask=inside)
