@@ -3,8 +3,8 @@
     python bench/gpu_profile.py [--backend triton] > profile.txt
 
 Cases: Metrix multi-similarity (clean + embedding mixup over pos-neg pairs, lam = 0.4) at B = 256 and
-B = 8192, d = 512 (at B = 256 also the host-side ops by CPU time); one ResNet-50 training step with Metrix/feature mixup (B = 100, 224 px, synthetic
-batch). Each case runs twice to warm up, then once under the profiler.
+B = 8192, d = 512 (at B = 256 also the host-side ops by CPU time); one ResNet-50 training step with
+Metrix/feature mixup (B = 100, 224 px, synthetic batch). Each case runs twice to warm up, then once under the profiler.
 """
 from __future__ import annotations
 

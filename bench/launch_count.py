@@ -106,8 +106,8 @@ def main():
     except ImportError:
         print("pytorch-metric-learning not importable: its row is left out")
     keys = ["torch launches", "triton launches", "dispatches without a launch"]
-    print(f"B = {args.batch}, d = {args.dim}, one forward + backward, torch {torch.__version__}, triton {triton.__version__},"
-          f" {torch.get_num_threads()} threads")
+    print(f"B = {args.batch}, d = {args.dim}, one forward + backward, torch {torch.__version__}, "
+          f"triton {triton.__version__}, {torch.get_num_threads()} threads")
     print("| call | " + " | ".join(keys) + " | launches in all | host us per call, Triton launches left out |")
     print("|---|" + "---|" * (len(keys) + 2))
     for name, step in cases.items():

@@ -47,7 +47,8 @@ def _backward(ctx, grad_stats):
     grad = grad_stats.to(stats.dtype)
     grad_anchors, grad_emb = ctx.kernels.backward(*tensors, *ctx.scalars, stats, grad[0].contiguous(),
                                                   grad[1].contiguous())
-    return none_if_free_zeros(grad_anchors), None, None, none_if_free_zeros(grad_emb), None, None, None, None, None, None
+    return (none_if_free_zeros(grad_anchors), None, None, none_if_free_zeros(grad_emb), None, None, None, None, None,
+            None)
 
 
 _call = fused_op("metrix::gram_mixed", _forward, _forward_fake, _backward_kernel, _backward_fake, _setup_context,

@@ -12,8 +12,9 @@ from .pairwise import pairwise_backward, pairwise_forward
 from .unit_rows import unit_rows_backward, unit_rows_forward
 
 __all__ = [
-    "assemble_backward", "assemble_forward", "available", "gram_mixed_backward", "gram_mixed_forward", "mixpool_backward", "mixpool_forward",
-    "pairwise_backward", "pairwise_forward", "unit_rows_backward", "unit_rows_forward",
+    "assemble_backward", "assemble_forward", "available", "gram_mixed_backward", "gram_mixed_forward",
+    "mixpool_backward", "mixpool_forward", "pairwise_backward", "pairwise_forward", "unit_rows_backward",
+    "unit_rows_forward",
 ]
 
 

@@ -38,8 +38,9 @@ def _forward(x, y, norm, N, D, EPS: tl.constexpr, WIDE: tl.constexpr, BR: tl.con
 
 
 @triton.jit
-def _backward(grad, y, norm, out, N, D, EPS: tl.constexpr, WIDE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    """dx = (g - y <g, y>) / |x|, or g / eps where the norm was clamped (no gradient through the norm)."""
+def _backward(grad, y, norm, out, N, D, EPS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """dx = (g - y <g, y>) / |x|, or g / eps where the norm was clamped (no gradient through the norm);
+    computed in the norm's dtype."""
     offs_r = tl.program_id(0) * BR + tl.arange(0, BR)
     n = tl.load(norm + offs_r, mask=offs_r < N, other=1.0)
     along = tl.zeros([BR], dtype=n.dtype)
@@ -79,6 +80,5 @@ def unit_rows_backward(grad: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) 
     out = torch.empty_like(y)
     if n:
         br, bd = _blocks(d)
-        _backward[(triton.cdiv(n, br),)](grad.contiguous(), y, norm, out, n, d, EPS=EPS, WIDE=norm.dtype == torch.float64,
-                                         BR=br, BD=bd, num_warps=4)
+        _backward[(triton.cdiv(n, br),)](grad.contiguous(), y, norm, out, n, d, EPS=EPS, BR=br, BD=bd, num_warps=4)
     return out
