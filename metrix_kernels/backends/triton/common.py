@@ -9,7 +9,6 @@ pairwise kernels and 3-D (anchor x i x j) for the Gram kernels, hence the THREE_
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -33,14 +32,9 @@ def interpretable(x):
 
 def zeros_like_free(x, dtype):
     """Zeros of x's shape that take no memory (one element, expanded): the gradient a backward returns
-    for the second side of an op whose two sides are one tensor, their sum going to the first. The
-    element is made once per device and dtype (no launch per call); it is only ever read."""
-    return _zero(x.device, dtype).expand(x.shape)
-
-
-@functools.lru_cache(maxsize=None)
-def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros((), device=device, dtype=dtype)
+    for the second side of an op whose two sides are one tensor, their sum going to the first. (Made
+    per call: a cached element could sit in a CUDA graph's memory pool and be overwritten.)"""
+    return torch.zeros((), device=x.device, dtype=dtype).expand(x.shape)
 
 
 def add_chunk_products(block, r0, r1, rows, cols, grad_rows, grad_cols, same):
