@@ -105,13 +105,14 @@ def validate(embeddings, labels, row, proxies, mixup, features, head, inputs, mo
         minimum = 2 if row.candidates == "proxies" else 1
         if proxies.shape[0] < minimum:
             raise ValueError(f"loss {row.name!r} needs at least {minimum} proxies, got {proxies.shape[0]}")
-        # a host sync: compiled code leaves it out rather than break its graph here
-        skip_range_check = torch.compiler.is_compiling() or not labels.numel()
-        if not skip_range_check and (int(labels.min()) < 0 or int(labels.max()) >= proxies.shape[0]):
-            raise ValueError(
-                f"labels must lie in [0, {proxies.shape[0]}) to index the proxies, "
-                f"got values in [{int(labels.min())}, {int(labels.max())}]"
-            )
+        # one host sync (compiled code leaves it out rather than break its graph here)
+        if labels.numel() and not torch.compiler.is_compiling():
+            low, high = torch.aminmax(labels)
+            low, high = torch.stack((low, high)).tolist()
+            if low < 0 or high >= proxies.shape[0]:
+                raise ValueError(
+                    f"labels must lie in [0, {proxies.shape[0]}) to index the proxies, got values in [{low}, {high}]"
+                )
     elif proxies is not None:
         raise ValueError(f"loss {row.name!r} takes no proxies")
     if mixup not in MIXUPS:
