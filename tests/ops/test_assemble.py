@@ -20,7 +20,7 @@ CASES = [("triton", torch.float32), ("cpu", torch.float32), ("cpu", torch.float6
 
 
 def _term(draw, gen, anchors, exponential):
-    """(sum, mass, nnz) of one term for each anchor; about a third of the terms are empty."""
+    """(sum, mass, nnz) of one term for each anchor; none, about a third or all of the terms are empty."""
     empty = torch.rand(anchors, generator=gen) < draw(st.sampled_from([0.0, 0.3, 1.0]))
     mass = torch.where(empty, 0.0, torch.rand(anchors, generator=gen) * 4 + 0.01)
     if exponential:  # log of the sum: any real, -inf when empty
