@@ -8,7 +8,9 @@ Every launch is intercepted: its arguments give the kernel's signature and compi
 (the block sizes of a GPU run, as the host code picks them with the interpreter off), the kernel is
 compiled for the target, and nothing runs; the host code goes on with unwritten outputs. The calls
 cover every loss clean and under each mixup (embedding mixup over every pair set and label mode for
-multi-similarity, over pos-neg for the others), float16 and bfloat16 inputs, and proxy sides. Prints one line per distinct compiled kernel and "triton_compile_check: OK" at the end.
+multi-similarity, over pos-neg for the others), float16 and bfloat16 inputs, proxy sides, and the
+Gram kernels both with and without their Gram matrices (GRAM_WIDTHS). Prints one line per distinct
+compiled kernel and "triton_compile_check: OK" at the end.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import inspect
 import os
 import sys
 import time
+from unittest import mock
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET: the interpreter compiles nothing")
@@ -27,6 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from metrix_kernels import FAMILY, ops  # noqa: E402
+from metrix_kernels.backends.triton import gram as triton_gram  # noqa: E402
 from metrix_kernels.family import resolve  # noqa: E402
 from metrix_kernels.pairs import PAIR_SETS, MixPlan, batch_pairs, hard_negative_plan  # noqa: E402
 
@@ -106,6 +110,13 @@ def main():
         plan = hard_negative_plan(emb.detach(), labels, "pos-neg", 0.3, "interpolate", 3)
         _fwd_bwd(ops.error_function(row, terms, emb, labels, proxies, plan, "input", inputs=inputs, model=model,
                                     backend="triton"), emb, proxies)
+    # past GRAM_WIDTHS the Gram kernels recompute their similarity tiles: that variant too
+    row, terms, _ = resolve("multi_similarity", {})
+    with mock.patch.object(triton_gram, "GRAM_WIDTHS", 0):
+        for dtype in (torch.float32, torch.float16):
+            emb = torch.randn(b, d, generator=gen).to(dtype).requires_grad_(True)
+            plan = MixPlan(*batch_pairs(labels, "pos-neg"), 0.3, "pos-neg", "interpolate")
+            _fwd_bwd(ops.error_function(row, terms, emb, labels, None, plan, "embedding", backend="triton"), emb)
     total = sum(COMPILED.values())
     print(f"{len(COMPILED)} kernels compiled for {TARGET.backend} sm_{TARGET.arch} in {total:.0f} s")
     print("triton_compile_check: OK")

@@ -1,6 +1,8 @@
 """The Gram embedding-mixup op against reference.term_stats on materialized mixed embeddings."""
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 
 from metrix_kernels import reference
 from metrix_kernels.backends import LABEL_CODES, MEMBER_POS_NEG, MEMBER_RULES, KernelConfig
+from metrix_kernels.backends.triton import gram as triton_gram
 from metrix_kernels.ops import gram_mixed
 from metrix_kernels.pairs import MixPlan, batch_pairs, rule_member, soft_labels
 
@@ -19,9 +22,17 @@ SIGMAS = ["contrastive", "lifted_structure", "binomial_deviance", "multi_similar
 
 @pytest.mark.parametrize("pair_set", sorted(MEMBER_RULES))
 @pytest.mark.parametrize("proxy_anchors", [False, True])
+@pytest.mark.parametrize("gram_widths", [0, 10**6], ids=["recomputed", "from-gram"])
 @settings(max_examples=EXAMPLES)
 @given(data=st.data())
-def test_gram_matches_materialized_mixup(pair_set, proxy_anchors, data):
+def test_gram_matches_materialized_mixup(pair_set, proxy_anchors, gram_widths, data):
+    """Similarity tiles recomputed in the kernels, and loaded from the Gram matrices written first
+    (GRAM_WIDTHS: the batch sizes each path takes)."""
+    with mock.patch.object(triton_gram, "GRAM_WIDTHS", gram_widths):
+        _check_gram(pair_set, proxy_anchors, data)
+
+
+def _check_gram(pair_set, proxy_anchors, data):
     _, terms = loss(data.draw(st.sampled_from(SIGMAS)))
     # d >= 3: in d = 1 antipodal pairs are common and their mix at lam = 0.5 has no direction
     emb, labels, gen = data.draw(batches(max_size=24, classes=(1, 4), dims=(3, 8, 17)))

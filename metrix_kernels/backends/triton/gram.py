@@ -5,7 +5,8 @@ For unit e_i, e_j the anchor-to-mix similarity is (SPEC 1.3)
 so a forward program holds an anchor tile, walks i tiles and, inside, j tiles: three similarity tiles
 (<a, e_i>, <a, e_j>, <e_i, e_j>, each accumulated over the width in chunks) combined elementwise into
 an [anchor, i, j] block, then folded into the per-anchor term statistics. No mixed embedding and no
-B x B^2 tensor exists. Membership lets whole (anchor tile, i tile) blocks be skipped: pos-neg /
+B x B^2 tensor exists. While the batch is small next to the width (GRAM_WIDTHS), the similarity tiles
+are loaded from Gram matrices written first (one launch) instead of recomputed over the width. Membership lets whole (anchor tile, i tile) blocks be skipped: pos-neg /
 pos-pos need an i of the anchor's class, anc-neg needs i = a. Unordered pair sets (pos-pos,
 neg-neg) walk j >= i only.
 
@@ -42,6 +43,35 @@ from .common import (
     term_value,
     zeros_like_free,
 )
+
+# The Gram matrices (anchors x embeddings, embeddings x embeddings) are written once per pass while
+# the batch is at most this many times as large as the width d: they then take at most this many times
+# the memory of the inputs, and the kernels load similarities instead of recomputing a product over
+# the width for every tile (the small-batch kernels are bound by those products' latency).
+GRAM_WIDTHS = 4
+
+
+@triton.jit
+def _products(a_ptr, b_ptr, out, NA, B, D, BA: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """out [NA, B] = a @ b^T in float32, one [BA, BB] tile per program."""
+    offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
+    offs_b = tl.program_id(1) * BB + tl.arange(0, BB)
+    s = similarity(a_ptr, offs_a, NA, b_ptr, offs_b, B, D, BA, BB, BK, PRECISION)
+    tl.store(out + offs_a[:, None] * B + offs_b[None, :], s, mask=(offs_a < NA)[:, None] & (offs_b < B)[None, :])
+
+
+@triton.jit
+def _sim(g, a_ptr, offs_a, n_a, emb, offs_b, B, D, BA: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
+         PRECISION: tl.constexpr, GRAM: tl.constexpr):
+    """[BA, BB] similarities of rows offs_a of a_ptr (n_a of them) to rows offs_b of emb: loaded from
+    the Gram matrix g [., B] if GRAM, else computed (zero outside the bounds either way)."""
+    if GRAM:
+        mask = (offs_a < n_a)[:, None] & (offs_b < B)[None, :]
+        s = tl.load(g + offs_a[:, None].to(tl.int64) * B + offs_b[None, :], mask=mask, other=0.0)
+    else:
+        s = similarity(a_ptr, offs_a, n_a, emb, offs_b, B, D, BA, BB, BK, PRECISION)
+    return s
 
 @triton.jit
 def _i_range(idx, in_a, B, MEMBER: tl.constexpr):
@@ -103,22 +133,22 @@ def _mixed_grad(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i, in
 
 
 @triton.jit
-def _j_tile(anchors, emb, labels, offs_a, n_a, offs_i, j0, B, D, BA: tl.constexpr, BE: tl.constexpr,
-            BK: tl.constexpr, PRECISION: tl.constexpr):
+def _j_tile(anchors, emb, labels, g_ae, g_ee, offs_a, n_a, offs_i, j0, B, D, BA: tl.constexpr, BE: tl.constexpr,
+            BK: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr):
     """A tile of second members j0..: (positions, in range, labels, <a, e_j> [BA, BE], <e_i, e_j> [BE, BE])."""
     offs_j = j0 + tl.arange(0, BE)
     in_j = offs_j < B
     lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-    s_aj = similarity(anchors, offs_a, n_a, emb, offs_j, B, D, BA, BE, BK, PRECISION)
-    s_ij = similarity(emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
+    s_aj = _sim(g_ae, anchors, offs_a, n_a, emb, offs_j, B, D, BA, BE, BK, PRECISION, GRAM)
+    s_ij = _sim(g_ee, emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION, GRAM)
     return offs_j, in_j, lj, s_aj, s_ij
 
 
 @triton.jit(do_not_specialize=["NA", "B"])
-def _forward(anchors, anchor_label, anchor_index, emb, labels, stats, NA, B, D, lam, label_lam,
+def _forward(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, stats, NA, B, D, lam, label_lam,
              p_scale, p_shift, n_scale, n_shift,
              P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
-             MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr,
+             MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
              BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
     offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
     in_a = offs_a < NA
@@ -133,11 +163,11 @@ def _forward(anchors, anchor_label, anchor_index, emb, labels, stats, NA, B, D, 
         in_i = offs_i < B
         li = tl.load(labels + offs_i, mask=in_i, other=-2)
         if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-            s_ai = similarity(anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION)
+            s_ai = _sim(g_ae, anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION, GRAM)
             j_lo = i0 if (MEMBER == 4 or MEMBER == 5) else 0
             for j0 in range(j_lo, B, BE):
-                offs_j, in_j, lj, s_aj, s_ij = _j_tile(anchors, emb, labels, offs_a, NA, offs_i, j0, B, D, BA, BE,
-                                                       BK, PRECISION)
+                offs_j, in_j, lj, s_aj, s_ij = _j_tile(anchors, emb, labels, g_ae, g_ee, offs_a, NA, offs_i, j0, B, D,
+                                                       BA, BE, BK, PRECISION, GRAM)
                 s, n, root, w_pos, w_neg = _mixed(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i,
                                                   in_j, lam, label_lam, MEMBER, NEGATIVE)
                 p_m, p_t, p_mass, p_nnz = term_update(p_m, p_t, p_mass, p_nnz, sigma_x(s, p_scale, p_shift, P_OF),
@@ -165,11 +195,11 @@ def _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA):
 
 
 @triton.jit(do_not_specialize=["NA", "B", "a0", "a1"])
-def _grad_p(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_neg, i_ranges, dp_out, a0, a1,
-            NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
+def _grad_p(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, stats, g_pos, g_neg, i_ranges, dp_out,
+            a0, a1, NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
             P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
-            MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, RANGES: tl.constexpr,
-            BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+            MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
+            RANGES: tl.constexpr, BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
     """dLoss/d<a, e_t> for anchors a0..a1 x embeddings t, one [BA, BE] tile per program, into dp_out:
     t as the first member of pairs (t, j), weight lam, and as the second of pairs (i, t), 1 - lam,
     with i walked over the anchor tile's range in i_ranges [2, anchor tiles] if RANGES."""
@@ -181,12 +211,12 @@ def _grad_p(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_ne
     in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA)
     in_a = in_a & (offs_a < a1)
     acc = tl.zeros([BA, BE], dtype=tl.float32)
-    s_at = similarity(anchors, offs_a, a1, emb, offs_t, B, D, BA, BE, BK, PRECISION)
+    s_at = _sim(g_ae, anchors, offs_a, a1, emb, offs_t, B, D, BA, BE, BK, PRECISION, GRAM)
     if _live(z, idx, lt, offs_t, in_a, in_t, MEMBER):
         j_lo = t0 if (MEMBER == 4 or MEMBER == 5) else 0
         for j0 in range(j_lo, B, BE):
-            offs_j, in_j, lj, s_aj, s_tj = _j_tile(anchors, emb, labels, offs_a, a1, offs_t, j0, B, D, BA, BE, BK,
-                                                   PRECISION)
+            offs_j, in_j, lj, s_aj, s_tj = _j_tile(anchors, emb, labels, g_ae, g_ee, offs_a, a1, offs_t, j0, B, D,
+                                                   BA, BE, BK, PRECISION, GRAM)
             over_n, d_ij = _mixed_grad(s_at, s_aj, s_tj, z, idx, lt, lj, offs_t, offs_j, in_a, in_t, in_j,
                                        lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                        P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
@@ -204,8 +234,8 @@ def _grad_p(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_ne
         in_i = offs_i < B
         li = tl.load(labels + offs_i, mask=in_i, other=-2)
         if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-            s_ai = similarity(anchors, offs_a, a1, emb, offs_i, B, D, BA, BE, BK, PRECISION)
-            s_it = similarity(emb, offs_i, B, emb, offs_t, B, D, BE, BE, BK, PRECISION)
+            s_ai = _sim(g_ae, anchors, offs_a, a1, emb, offs_i, B, D, BA, BE, BK, PRECISION, GRAM)
+            s_it = _sim(g_ee, emb, offs_i, B, emb, offs_t, B, D, BE, BE, BK, PRECISION, GRAM)
             over_n, d_ij = _mixed_grad(s_ai, s_at, s_it, z, idx, li, lt, offs_i, offs_t, in_a, in_i, in_t,
                                        lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                        P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
@@ -214,11 +244,11 @@ def _grad_p(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_ne
 
 
 @triton.jit(do_not_specialize=["NA", "B", "i0", "i1"])
-def _grad_g(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_neg, anchor_ranges, dg_out, i0, i1,
-            NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
+def _grad_g(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, stats, g_pos, g_neg, anchor_ranges, dg_out,
+            i0, i1, NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
             P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
-            MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, RANGES: tl.constexpr,
-            BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+            MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
+            RANGES: tl.constexpr, BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
     """dLoss/d<e_i, e_j> for i in i0..i1 x all j, one [BE, BE] tile per program, into dg_out; the anchors
     walked are those of the i tile's range in anchor_ranges [2, i tiles] if RANGES, else all."""
     tile = i0 // BE + tl.program_id(0)
@@ -231,7 +261,7 @@ def _grad_g(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_ne
     if (MEMBER != 4 and MEMBER != 5) | (j0 + BE > tile * BE):  # unordered pairs need i < j
         li = tl.load(labels + offs_i, mask=in_i, other=-2)
         lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-        s_ij = similarity(emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION)
+        s_ij = _sim(g_ee, emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION, GRAM)
         a_lo = 0
         a_hi = NA
         if RANGES:
@@ -242,8 +272,8 @@ def _grad_g(anchors, anchor_label, anchor_index, emb, labels, stats, g_pos, g_ne
             in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg,
                                                                offs_a, NA)
             if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-                s_ai = similarity(anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION)
-                s_aj = similarity(anchors, offs_a, NA, emb, offs_j, B, D, BA, BE, BK, PRECISION)
+                s_ai = _sim(g_ae, anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION, GRAM)
+                s_aj = _sim(g_ae, anchors, offs_a, NA, emb, offs_j, B, D, BA, BE, BK, PRECISION, GRAM)
                 over_n, d_ij = _mixed_grad(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i, in_j,
                                            lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                            P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
@@ -259,24 +289,45 @@ def _blocks(d: int) -> tuple[int, int, int]:
     return 16, 16, min(padded_dim(d), 128)
 
 
-def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
+def _products_of(a, b, precision):
+    """a @ b^T [rows of a, rows of b] in float32, by the kernels' own similarity products."""
+    out = torch.empty(a.shape[0], b.shape[0], device=a.device, dtype=torch.float32)
+    tile = 16 if INTERPRET else 32
+    _products[(triton.cdiv(a.shape[0], tile), triton.cdiv(b.shape[0], tile))](
+        a, b, out, a.shape[0], b.shape[0], a.shape[1], BA=tile, BB=tile, BK=_blocks(a.shape[1])[2],
+        PRECISION=precision, num_warps=4)
+    return out
+
+
+def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, same):
+    """(tensors, scalars, constants) of the kernels; the tensors end with the Gram matrices (anchors x
+    embeddings, embeddings x embeddings; one when the anchors are the embeddings) where GRAM_WIDTHS
+    allows them, else with placeholders."""
     if cfg.member not in (MEMBER_POS_NEG, MEMBER_ANC_NEG, MEMBER_POS_POS, MEMBER_NEG_NEG):
         raise ValueError(f"gram_mixed needs a pair-set membership rule, got {cfg.member}")
     p = sigma_codes(cfg.sigma_pos)
     n = sigma_codes(cfg.sigma_neg)
     scalars = (float(lam), label_factor(lam, cfg.label_mode), p[2], p[3], n[2], n[3])
+    precision = dot_precision(anchors.dtype)
+    gram = 0 < emb.shape[0] <= GRAM_WIDTHS * emb.shape[1]
     consts = dict(P_FORM=p[0], P_OF=p[1], N_FORM=n[0], N_OF=n[1], MEMBER=cfg.member, NEGATIVE=cfg.label_mode == LABEL_NEGATIVE,
-                  PRECISION=dot_precision(anchors.dtype))
-    return (anchors, anchor_label, anchor_index, emb, labels), scalars, consts
+                  PRECISION=precision, GRAM=gram)
+    if gram:
+        g_ee = _products_of(emb, emb, precision)
+        g_ae = g_ee if same else _products_of(anchors, emb, precision)
+    else:
+        g_ae = g_ee = emb
+    return (anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee), scalars, consts
 
 
 def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
+    same = anchors is emb
     anchors, emb = interpretable(anchors), interpretable(emb)
     na, d = anchors.shape
     stats = torch.empty(6, na, device=anchors.device, dtype=torch.float32)
     if na == 0:
         return stats
-    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
+    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, same)
     ba, be, bk = _blocks(d)
     _forward[(triton.cdiv(na, ba),)](*tensors, stats, na, emb.shape[0], d, *scalars, **consts, BA=ba, BE=be, BK=bk,
                                      num_warps=4)
@@ -320,7 +371,7 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
         return torch.zeros_like(anchors, dtype=dtype), torch.zeros_like(emb, dtype=dtype)
     grad_emb = torch.empty(b, d, device=anchors.device, dtype=torch.float32)
     grad_anchors = grad_emb if same else torch.empty(na, d, device=anchors.device, dtype=torch.float32)
-    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg)
+    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, same)
     ba, be, bk = _blocks(d)
     grads = (stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous())
     a32, e32 = anchors.float(), emb.float()
