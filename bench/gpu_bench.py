@@ -93,7 +93,9 @@ def make_fn(impl, name, mode, emb, labels, prox):
                              mode="reduce-overhead")
 
         def run_compiled():
-            torch.compiler.cudagraph_mark_step_begin()  # a new iteration, as a training loop marks it
+            # as optimizer.zero_grad(set_to_none=True): the last step's gradient lives in the graphs' memory,
+            # which this step's replay rewrites, so accumulating into it fails
+            emb.grad = None
             step(emb, labels).backward()
         return run_compiled
     backend = impl.removesuffix(GRAPHED)

@@ -9,11 +9,12 @@ import textwrap
 import pytest
 import torch
 
-from metrix_kernels import ops
+from metrix_kernels import metrix_loss, ops
 from metrix_kernels.backends import MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig
 from metrix_kernels.ops._dispatch import flatten
 from metrix_kernels.pairs import MixPlan, batch_pairs
 
+from .conftest import DEVICE
 from .helpers import close, grads, leaves, loss, skip_unless_usable
 
 
@@ -82,3 +83,24 @@ def test_metrix_loss_compiles_whole_on_first_call(device):
             assert torch.isfinite(emb.grad).all()
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=600)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mixup", [None, "embedding"])
+def test_reduce_overhead_training_loop(mixup):
+    """torch.compile(mode="reduce-overhead") (CUDA graphs) around metrix_loss, its gradients set to None
+    before each step as optimizer.zero_grad does (a graph's replay rewrites the memory of the last
+    step's outputs, the stolen gradient included): every replayed step gives the eager gradient."""
+    torch._dynamo.reset()
+    emb = torch.randn(64, 32, device="cuda", requires_grad=True)
+    labels = torch.arange(64, device="cuda") // 4
+
+    def loss(e, y):
+        return metrix_loss(e, y, loss="multi_similarity", mixup=mixup, pairs="pos-neg", lam=0.4, backend="triton")
+
+    want = torch.autograd.grad(loss(emb, labels), emb)[0]
+    step = torch.compile(loss, mode="reduce-overhead")
+    for _ in range(4):  # warm-up, recording, replays
+        emb.grad = None
+        step(emb, labels).backward()
+        close(emb.grad, want)
