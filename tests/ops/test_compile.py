@@ -104,3 +104,37 @@ def test_reduce_overhead_training_loop(mixup):
         emb.grad = None
         step(emb, labels).backward()
         close(emb.grad, want)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_whole_call_captures_in_a_cuda_graph():
+    """The eager fused call, forward and backward, captured in one CUDA graph (no host sync on the
+    triton path): replays on new data copied into the captured inputs give the eager gradients."""
+    gen = torch.Generator().manual_seed(11)
+    batches = [(torch.randn(48, 32, generator=gen).cuda(), (torch.randperm(48, generator=gen) // 4).cuda())
+               for _ in range(3)]
+    emb = batches[0][0].clone().requires_grad_(True)
+    labels = batches[0][1].clone()
+
+    def step():
+        metrix_loss(emb, labels, loss="multi_similarity", mixup="embedding", pairs="pos-neg", lam=0.4,
+                    backend="triton").backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compiles) off the capturing stream
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    emb.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for x, y in batches[1:]:
+        with torch.no_grad():
+            emb.copy_(x)
+        labels.copy_(y)
+        graph.replay()
+        leaf = x.clone().requires_grad_(True)
+        want = torch.autograd.grad(metrix_loss(leaf, y, loss="multi_similarity", mixup="embedding", pairs="pos-neg",
+                                               lam=0.4, backend="triton"), leaf)[0]
+        close(emb.grad, want)
