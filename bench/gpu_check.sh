@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One run on an offline GPU machine (H100/H200 class), 7 to 8 minutes with the default budget:
+# One run on an offline GPU machine (H100/H200 class), 4 to 6 minutes with the default budget (252 s and
+# 335 s on an H100, seventh session of 2026-11-27):
 #   1. build the CUDA extension (csrc/gpu_build.sh) while tests/ops runs on CUDA with compiled Triton,
 #   2. the cuda backend against the reference (tests/test_backend_cuda.py),
 #   3. the benchmark table: fused (triton, cuda) vs reference vs pytorch-metric-learning,
