@@ -95,11 +95,11 @@ def test_reduce_overhead_training_loop(mixup):
     emb = torch.randn(64, 32, device="cuda", requires_grad=True)
     labels = torch.arange(64, device="cuda") // 4
 
-    def loss(e, y):
+    def objective(e, y):
         return metrix_loss(e, y, loss="multi_similarity", mixup=mixup, pairs="pos-neg", lam=0.4, backend="triton")
 
-    want = torch.autograd.grad(loss(emb, labels), emb)[0]
-    step = torch.compile(loss, mode="reduce-overhead")
+    want = torch.autograd.grad(objective(emb, labels), emb)[0]
+    step = torch.compile(objective, mode="reduce-overhead")
     for _ in range(4):  # warm-up, recording, replays
         emb.grad = None
         step(emb, labels).backward()
@@ -108,8 +108,9 @@ def test_reduce_overhead_training_loop(mixup):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 def test_whole_call_captures_in_a_cuda_graph():
-    """The eager fused call, forward and backward, captured in one CUDA graph (no host sync on the
-    triton path): replays on new data copied into the captured inputs give the eager gradients."""
+    """The eager fused call, forward and backward, captured in one CUDA graph (a pair-based loss with
+    embedding mixup makes no host sync): replays on new data copied into the captured inputs give the
+    eager gradients."""
     gen = torch.Generator().manual_seed(11)
     batches = [(torch.randn(48, 32, generator=gen).cuda(), (torch.randperm(48, generator=gen) // 4).cuda())
                for _ in range(3)]

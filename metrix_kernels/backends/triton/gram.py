@@ -5,10 +5,10 @@ For unit e_i, e_j the anchor-to-mix similarity is (SPEC 1.3)
 so a forward program holds an anchor tile, walks i tiles and, inside, j tiles: three similarity tiles
 (<a, e_i>, <a, e_j>, <e_i, e_j>, each accumulated over the width in chunks) combined elementwise into
 an [anchor, i, j] block, then folded into the per-anchor term statistics. No mixed embedding and no
-B x B^2 tensor exists. While the batch is small next to the width (GRAM_WIDTHS), the similarity tiles
-are loaded from Gram matrices written first (one launch) instead of recomputed over the width. Membership lets whole (anchor tile, i tile) blocks be skipped: pos-neg /
-pos-pos need an i of the anchor's class, anc-neg needs i = a. Unordered pair sets (pos-pos,
-neg-neg) walk j >= i only.
+B x B^2 tensor exists. While the batch is small next to the width (GRAM_WIDTHS), the similarity
+tiles are loaded from Gram matrices written first (one launch) instead of recomputed over the width.
+Membership lets whole (anchor tile, i tile) blocks be skipped: pos-neg / pos-pos need an i of the
+anchor's class, anc-neg needs i = a. Unordered pair sets (pos-pos, neg-neg) walk j >= i only.
 
 Backward, with g = dLoss/ds(a, ij) recomputed from the saved per-anchor term sums: the loss depends
 on the embeddings only through P = <a, e_t> and G = <e_i, e_j>, so
@@ -72,6 +72,7 @@ def _sim(g, a_ptr, offs_a, n_a, emb, offs_b, B, D, BA: tl.constexpr, BB: tl.cons
     else:
         s = similarity(a_ptr, offs_a, n_a, emb, offs_b, B, D, BA, BB, BK, PRECISION)
     return s
+
 
 @triton.jit
 def _i_range(idx, in_a, B, MEMBER: tl.constexpr):

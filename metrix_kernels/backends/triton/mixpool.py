@@ -61,7 +61,7 @@ def _backward(grad_pooled, argmax, order, offsets, out, M, C, HW, lam, BC: tl.co
 
 
 def _blocks(hw: int) -> tuple[int, int]:
-    """(channel block, padded H*W): a [channels, H*W] register block of about 4096 elements."""
+    """(channel block, padded H*W): a register block of channels x positions, about 4096 elements."""
     bhw = triton.next_power_of_2(hw)
     return max(1, min(64, 4096 // bhw)), bhw
 
