@@ -82,9 +82,8 @@ def host_costs(backend):
             lambda: _wide[(1,)](x, x, x, x, x, x, x, x, 256, 256, 512, 16, 0.4, 0.4, 2.0, 0.5, 40.0, 0.5, **codes),
             2000),
     }
-    for b in (256,):
-        cases[f"Metrix call (fwd+bwd), B = {b}"] = (loss_case(b, backend), 200)
-        cases[f"clean call (fwd+bwd), B = {b}"] = (loss_case(b, backend, mixup=None), 200)
+    cases["Metrix call (fwd+bwd), B = 256"] = (loss_case(256, backend), 200)
+    cases["clean call (fwd+bwd), B = 256"] = (loss_case(256, backend, mixup=None), 200)
     print("\n## Host time per call, no profiler (back to back, one sync at the end)\n")
     for name, (fn, calls) in cases.items():
         print(f"- {name}: {host_us(fn, calls):.1f} us")
