@@ -1,6 +1,6 @@
 """Peak loss memory of one forward + backward, counted on the CPU as a GPU's allocator would see it.
 
-    python bench/memory_peak.py [--batch 8192] [--dim 512]
+    python bench/memory_peak.py [--batch 8192] [--dim 512] [--json PATH]
 
 The triton path's host code runs as on a GPU (its GPU tile and chunk sizes) on CPU tensors, with
 every Triton launch a no-op: the kernels allocate nothing themselves, so the tensors the call
@@ -55,6 +55,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--json", help="also write the rows here, peaks in [B, d] float32 buffers")
     args = parser.parse_args()
     gpu_sizes_no_launches()
     gen = torch.Generator().manual_seed(0)
@@ -81,6 +82,9 @@ def main():
             rows.append((name, mode, mib, pml))
         emb.grad = None
     buffer = args.batch * args.dim * 4 / 2**20
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(loss=name, mode=mode, buffers=mib / buffer, pml_mib=pml) for name, mode, mib, pml in rows], f)
     print(f"B = {args.batch}, d = {args.dim}, float32; one [B, d] float32 buffer = {buffer:.1f} MiB; "
           f"torch {torch.__version__}, triton {triton.__version__}")
     print("| loss | mode | triton peak, MiB | in [B, d] buffers | PML clean peak, MiB | triton / PML, % |")

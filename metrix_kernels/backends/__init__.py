@@ -1,9 +1,13 @@
 """Fused backends: the kernel contract every backend (triton, cpu, cuda) implements.
 
 The ops layer (``metrix_kernels.ops``) owns the autograd.Functions and calls a backend module
-through the functions below. A backend never imports the api. All embeddings reaching the pair ops
-(pairwise, gram_mixed) are already L2-normalized and contiguous; statistics are float32 (float64
-for float64 inputs).
+through the functions below. A backend never imports the api. The pair ops (pairwise, gram_mixed)
+compare the L2-normalized rows x / max(|x|, 1e-12) of their contiguous inputs. A backend named in
+UNIT_ROWS_BACKENDS takes the rows raw with their norms |x| (float32 [N] each, unclamped: the keyword
+norms = (first side's, second side's)) and normalizes them itself, without writing them normalized;
+it returns gradients with respect to the raw rows (through the normalization). Every other backend
+gets rows the ops layer has normalized, and returns gradients with respect to those. Statistics
+are float32 (float64 for float64 inputs).
 
 Per-row statistics (``family.TermStats``), returned as one tensor ``stats`` [6, R]:
     0 pos_sum   sum_v w_pos * sigma_pos(x)    (log of it where sigma_pos.form == "exp"; -inf if empty)
@@ -75,6 +79,11 @@ MEMBER_RULES = {
 
 LABEL_INTERPOLATE, LABEL_NEGATIVE, LABEL_DOMINANT = 0, 1, 2
 LABEL_CODES = {"interpolate": LABEL_INTERPOLATE, "negative": LABEL_NEGATIVE, "dominant": LABEL_DOMINANT}
+
+
+# the backends whose pair ops normalize their rows inside their kernels (a constant that compiled
+# code reads without importing the backend)
+UNIT_ROWS_BACKENDS = frozenset({"triton"})
 
 
 class KernelConfig(NamedTuple):

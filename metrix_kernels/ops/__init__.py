@@ -23,7 +23,7 @@ from ..backends import (
 )
 from ..family import LossRow, Terms, TermStats, assemble
 from ..pairs import MixPlan
-from ._dispatch import backend_module
+from ._dispatch import backend_module, normalize
 from .gram import gram_mixed
 from .mixpool import mixpool
 from .pairwise import pairwise
@@ -37,38 +37,6 @@ def _work_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
     if dtype == torch.float64 and not getattr(backend_module(backend), "FLOAT64", False):
         return torch.float32
     return dtype
-
-
-class _UnitRows(torch.autograd.Function):
-    """F.normalize(x, dim=-1), eps 1e-12, by the backend's own kernels where it has them
-    (unit_rows_forward / unit_rows_backward: one pass each way), else with a backward of two passes
-    over x (autograd through F.normalize takes about eight, a cost that shows on the [M, d] mixed rows)."""
-
-    @staticmethod
-    def forward(ctx, x, kernels):
-        if kernels is not None:
-            y, norm = kernels.unit_rows_forward(x)
-        else:
-            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
-            y = x / norm
-        ctx.save_for_backward(y, norm)
-        ctx.kernels = kernels
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, norm = ctx.saved_tensors
-        if ctx.kernels is not None:
-            return ctx.kernels.unit_rows_backward(grad, y, norm), None
-        # d y / d x = (I - y y^T) / |x|, or I / eps where the norm is clamped (as torch's clamp_min)
-        along = torch.linalg.vecdot(grad, y, dim=-1).unsqueeze(-1) * (norm > 1e-12)
-        return torch.addcmul(grad, y, along, value=-1).div_(norm), None
-
-
-def _normalize(x: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
-    # compiled code traces the torch formula: the backend's kernels are not ops it can trace
-    kernels = None if torch.compiler.is_compiling() else backend_module(backend)
-    return _UnitRows.apply(x.to(dtype), kernels if hasattr(kernels, "unit_rows_forward") else None)
 
 
 def _config(row: LossRow, terms: Terms, member: int, plan: Optional[MixPlan] = None, mixed_rows=False):
@@ -120,14 +88,14 @@ def _assemble(row: LossRow, terms: Terms, dtype, backend: str, first: torch.Tens
     return (_formula(row, terms, first) + weight * _formula(row, terms, second)).to(dtype)
 
 
-def _proxy_side(proxies: torch.Tensor, dtype: torch.dtype, backend: str):
+def _proxy_side(proxies: torch.Tensor, dtype: torch.dtype):
     classes = torch.arange(proxies.shape[0], device=proxies.device)
-    return _normalize(proxies, dtype, backend), classes, torch.full_like(classes, -1)
+    return proxies.to(dtype), classes, torch.full_like(classes, -1)
 
 
 def clean_loss(row: LossRow, terms: Terms, embeddings, labels, proxies, backend: str) -> torch.Tensor:
     """reference.clean_loss on a fused backend."""
-    e = _normalize(embeddings, _work_dtype(embeddings.dtype, backend), backend)
+    e = embeddings.to(_work_dtype(embeddings.dtype, backend))
     return _assemble(row, terms, embeddings.dtype, backend, _clean_stats(row, terms, e, labels, proxies, backend))
 
 
@@ -141,7 +109,7 @@ def mixed_loss(
     Embedding mixup without an explicit member mask reads only plan.lam, plan.pair_set and
     plan.label_mode: the Gram op enumerates the pairs itself, so plan.i / plan.j are never listed.
     """
-    e, e_labels = _normalized(row, embeddings, labels, plan, mixup, backend)
+    e, e_labels = _batch(row, embeddings, labels, plan, mixup, backend)
     stats = _mixed_stats(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model, backend)
     return _assemble(row, terms, embeddings.dtype, backend, stats)
 
@@ -151,11 +119,13 @@ def error_function(
     head: Optional[Callable] = None, inputs=None, model: Optional[Callable] = None, weight: float = 0.4,
     backend: str = "triton",
 ) -> torch.Tensor:
-    """reference.error_function on a fused backend: clean_loss + weight * mixed_loss from one normalized
-    (and, for the Gram op, class-sorted) copy of the batch, where the two separately make two or three;
-    the two losses are assembled together."""
-    e, e_labels = _normalized(row, embeddings, labels, plan, mixup, backend)
-    clean = _clean_stats(row, terms, e, e_labels, proxies, backend)
+    """reference.error_function on a fused backend: clean_loss + weight * mixed_loss, the two assembled
+    together. The clean loss takes the batch as it comes: the class-sorted copy that the Gram op may
+    take is then freed by the Gram op's backward, which autograd runs first (the later node), before
+    the clean op's backward makes a second [B, d] gradient."""
+    clean = _clean_stats(row, terms, embeddings.to(_work_dtype(embeddings.dtype, backend)), labels, proxies,
+                         backend)
+    e, e_labels = _batch(row, embeddings, labels, plan, mixup, backend)
     mixed = _mixed_stats(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model,
                          backend)
     return _assemble(row, terms, embeddings.dtype, backend, clean, mixed, weight)
@@ -166,27 +136,26 @@ def _by_gram(row: LossRow, plan: MixPlan, mixup: str) -> bool:
     return mixup == "embedding" and row.candidates != "proxies" and (row.anchors == "proxies" or plan.member is None)
 
 
-def _normalized(row: LossRow, embeddings, labels, plan: MixPlan, mixup: str, backend: str):
-    """The normalized batch and its labels, grouped by class when the Gram op takes pos-neg / anc-neg
-    pairs: ordered pairs, so the order changes no pair and no sum over anchors (nor the clean
-    loss's), and the kernel then skips whole tiles without a member (pos-pos / neg-neg put lam on
-    the first of i < j, so their batch order matters and is kept). Sorting before normalizing
-    leaves one [B, d] copy alive, the normalized one."""
+def _batch(row: LossRow, embeddings, labels, plan: MixPlan, mixup: str, backend: str):
+    """The batch in the backend's dtype and its labels, grouped by class when the Gram op takes
+    pos-neg / anc-neg pairs: ordered pairs, so the order changes no pair and no sum over anchors (nor
+    the clean loss's), and the kernel then skips whole tiles without a member (pos-pos / neg-neg put
+    lam on the first of i < j, so their batch order matters and is kept)."""
     if _by_gram(row, plan, mixup) and plan.pair_set in ("pos-neg", "anc-neg"):
         order = torch.argsort(labels, stable=True)
         embeddings, labels = embeddings[order], labels[order]
-    return _normalize(embeddings, _work_dtype(embeddings.dtype, backend), backend), labels
+    return embeddings.to(_work_dtype(embeddings.dtype, backend)), labels
 
 
 def _clean_stats(row: LossRow, terms: Terms, e, labels, proxies, backend: str) -> torch.Tensor:
-    """The clean loss's statistics [6, A] from the normalized batch e."""
+    """The clean loss's statistics [6, A] from the batch e (the pair ops normalize it)."""
     index = torch.arange(labels.shape[0], device=labels.device)
     if row.anchors == "proxies":
-        p, classes, none = _proxy_side(proxies, e.dtype, backend)
+        p, classes, none = _proxy_side(proxies, e.dtype)
         return pairwise(p, (classes, classes), none, e, (labels, labels), index, 1.0,
                         _config(row, terms, MEMBER_ALL), backend)
     if row.candidates == "proxies":
-        p, classes, none = _proxy_side(proxies, e.dtype, backend)
+        p, classes, none = _proxy_side(proxies, e.dtype)
         return pairwise(e, (labels, labels), index, p, (classes, classes), none, 1.0,
                         _config(row, terms, MEMBER_ALL), backend)
     return pairwise(e, (labels, labels), index, e, (labels, labels), index, 1.0,
@@ -194,29 +163,31 @@ def _clean_stats(row: LossRow, terms: Terms, e, labels, proxies, backend: str) -
 
 
 def _mixed_rows(mixup, plan, e, features, head, inputs, model, backend) -> torch.Tensor:
-    """The normalized [M, d] mixed embeddings (feature and input mixup; embedding mixup only for
-    proxy-candidate losses, whose anchors are the mixed examples themselves); e is the normalized batch."""
+    """The [M, d] mixed embeddings, before normalization (feature and input mixup; embedding mixup only
+    for proxy-candidate losses, whose anchors are the mixed examples themselves: mixes of the unit rows
+    of the batch e)."""
     if mixup == "embedding":
-        return _normalize(plan.lam * e[plan.i] + (1.0 - plan.lam) * e[plan.j], e.dtype, backend)
+        unit = normalize(e, e.dtype, backend)
+        return plan.lam * unit[plan.i] + (1.0 - plan.lam) * unit[plan.j]
     if mixup == "feature":
-        return _normalize(head(mixpool(features, plan.i, plan.j, plan.lam, backend)), e.dtype, backend)
-    return _normalize(model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]), e.dtype, backend)
+        return head(mixpool(features, plan.i, plan.j, plan.lam, backend)).to(e.dtype)
+    return model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]).to(e.dtype)
 
 
 def _mixed_stats(row: LossRow, terms: Terms, e, e_labels, labels, proxies, plan: MixPlan, mixup: str, features, head,
                  inputs, model, backend: str) -> torch.Tensor:
-    """The mixed loss's statistics [6, A] from the normalized batch e (labels e_labels: sorted as e
-    is, for the Gram op); labels are the batch's own, that plan.i / plan.j index."""
+    """The mixed loss's statistics [6, A] from the batch e (labels e_labels: sorted as e is, for the
+    Gram op); labels are the batch's own, that plan.i / plan.j index."""
     if row.candidates == "proxies":
         # the mixed examples are the anchors; every proxy is a candidate with a soft label
         m = _mixed_rows(mixup, plan, e, features, head, inputs, model, backend)
-        p, classes, none = _proxy_side(proxies, m.dtype, backend)
+        p, classes, none = _proxy_side(proxies, m.dtype)
         return pairwise(m, (labels[plan.i], labels[plan.j]), plan.i, p, (classes, classes), none, plan.lam,
                         _config(row, terms, MEMBER_ALL, plan, mixed_rows=True), backend)
     rule = MEMBER_RULES[plan.pair_set]
     if row.anchors == "proxies":
         # a proxy stands for its whole class: anc-neg is pos-neg, and no per-anchor mask applies
-        anchors, anchor_labels, anchor_index = _proxy_side(proxies, e.dtype, backend)
+        anchors, anchor_labels, anchor_index = _proxy_side(proxies, e.dtype)
         rule = MEMBER_POS_NEG if rule == MEMBER_ANC_NEG else rule
         member_mask = None
     else:

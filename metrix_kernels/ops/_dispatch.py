@@ -1,4 +1,5 @@
-"""What the op modules share: the backend module behind a name, and KernelConfig as flat op arguments.
+"""What the op modules share: the backend module behind a name, KernelConfig as flat op arguments, and
+row normalization for the pair ops' inputs.
 
 torch.library ops take only tensors and scalars, so a KernelConfig travels as (forms, inputs,
 scales, shifts, member, label_mode, mixed_rows, count_nonzero) and is rebuilt on the other side.
@@ -12,7 +13,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..backends import KernelConfig
+from ..backends import UNIT_ROWS_BACKENDS, KernelConfig
 from ..family import Sigma
 
 FORMS = ("exp", "hinge", "softplus")
@@ -108,3 +109,58 @@ def fused_op(name: str, forward: Callable, forward_fake: Callable, backward_kern
         return ops.forward(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
 
     return call
+
+
+class UnitRows(torch.autograd.Function):
+    """F.normalize(x, dim=-1), eps 1e-12, by the backend's own kernels where it has them
+    (unit_rows_forward / unit_rows_backward: one pass each way), else with a backward of two passes
+    over x (autograd through F.normalize takes about eight, a cost that shows on the [M, d] mixed rows)."""
+
+    @staticmethod
+    def forward(ctx, x, kernels):
+        if kernels is not None:
+            y, norm = kernels.unit_rows_forward(x)
+        else:
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
+            y = x / norm
+        ctx.save_for_backward(y, norm)
+        ctx.kernels = kernels
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, norm = ctx.saved_tensors
+        if ctx.kernels is not None:
+            return ctx.kernels.unit_rows_backward(grad, y, norm), None
+        # d y / d x = (I - y y^T) / |x|, or I / eps where the norm is clamped (as torch's clamp_min)
+        along = torch.linalg.vecdot(grad, y, dim=-1).unsqueeze(-1) * (norm > 1e-12)
+        return torch.addcmul(grad, y, along, value=-1).div_(norm), None
+
+
+def normalize(x: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    # compiled code traces the torch formula: the backend's kernels are not ops it can trace
+    kernels = None if torch.compiler.is_compiling() else backend_module(backend)
+    return UnitRows.apply(x.to(dtype), kernels if hasattr(kernels, "unit_rows_forward") else None)
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """[N] |x| in float32 (the kernels clamp it at F.normalize's 1e-12)."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+
+
+def pair_inputs(backend: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(a, b, a's norms, b's norms) as the backend's pair ops take them: contiguous raw rows and their
+    norms where the backend normalizes rows itself (UNIT_ROWS_BACKENDS: no [N, d] unit rows are
+    written), else rows normalized here and no norms; one tensor for both when b is a."""
+    a = a.contiguous()
+    b = a if b is a else b.contiguous()
+    if backend in UNIT_ROWS_BACKENDS:
+        a_norm = row_norms(a)
+        return a, b, a_norm, a_norm if b is a else row_norms(b)
+    unit_a = normalize(a, a.dtype, backend)
+    return unit_a, unit_a if b is a else normalize(b, b.dtype, backend), None, None
+
+
+def norm_kwargs(first: Optional[Tensor], second: Optional[Tensor]) -> dict:
+    """The keyword the pair functions of UNIT_ROWS_BACKENDS take the norms by (backends contract)."""
+    return {} if first is None else {"norms": (first, second)}

@@ -1,19 +1,23 @@
 """The fused embedding-mixup op: per-anchor term statistics against all mixed pairs of a batch."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ..backends import KernelConfig
-from ._dispatch import backend_module, flatten, fused_op, none_if_free_zeros, unflatten
+from ._dispatch import backend_module, flatten, fused_op, none_if_free_zeros, norm_kwargs, pair_inputs, unflatten
 
 
 def _forward(
-    anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor, lam: float,
+    anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor,
+    anchor_norm: Optional[Tensor], emb_norm: Optional[Tensor], lam: float,
     codes: list[int], scalars: list[float], flags: list[int], backend: str,
 ) -> Tensor:
     return backend_module(backend).gram_mixed_forward(
-        anchors, anchor_label, anchor_index, emb, labels, lam, unflatten(codes, scalars, flags)
+        anchors, anchor_label, anchor_index, emb, labels, lam, unflatten(codes, scalars, flags),
+        **norm_kwargs(anchor_norm, emb_norm),
     )
 
 
@@ -23,13 +27,14 @@ def _forward_fake(anchors, *args):
 
 
 def _backward_kernel(
-    anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor, lam: float,
+    anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor,
+    anchor_norm: Optional[Tensor], emb_norm: Optional[Tensor], lam: float,
     codes: list[int], scalars: list[float], flags: list[int], backend: str,
     stats: Tensor, grad_pos_sum: Tensor, grad_neg_sum: Tensor,
 ) -> tuple[Tensor, Tensor]:
     return backend_module(backend).gram_mixed_backward(
         anchors, anchor_label, anchor_index, emb, labels, lam, unflatten(codes, scalars, flags), stats,
-        grad_pos_sum, grad_neg_sum,
+        grad_pos_sum, grad_neg_sum, **norm_kwargs(anchor_norm, emb_norm),
     )
 
 
@@ -38,8 +43,8 @@ def _backward_fake(anchors, anchor_label, anchor_index, emb, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5], output)
-    ctx.scalars = inputs[5:]
+    ctx.save_for_backward(*inputs[:7], output)
+    ctx.scalars = inputs[7:]
 
 
 def _backward(ctx, grad_stats):
@@ -47,8 +52,7 @@ def _backward(ctx, grad_stats):
     grad = grad_stats.to(stats.dtype)
     grad_anchors, grad_emb = ctx.kernels.backward(*tensors, *ctx.scalars, stats, grad[0].contiguous(),
                                                   grad[1].contiguous())
-    return (none_if_free_zeros(grad_anchors), None, None, none_if_free_zeros(grad_emb), None, None, None, None, None,
-            None)
+    return (none_if_free_zeros(grad_anchors), None, None, none_if_free_zeros(grad_emb), *(None,) * 8)
 
 
 _call = fused_op("metrix::gram_mixed", _forward, _forward_fake, _backward_kernel, _backward_fake, _setup_context,
@@ -57,7 +61,8 @@ _call = fused_op("metrix::gram_mixed", _forward, _forward_fake, _backward_kernel
 
 def gram_mixed(anchors: Tensor, anchor_label: Tensor, anchor_index: Tensor, emb: Tensor, labels: Tensor,
                lam: float, cfg: KernelConfig, backend: str) -> Tensor:
-    """Statistics [6, A] of normalized anchors against every mix of normalized emb in cfg's pair set
-    (anchor_index -1 for proxies); no mixed embedding is formed."""
-    return _call(anchors.contiguous(), anchor_label, anchor_index, emb.contiguous(), labels, float(lam),
-                       *flatten(cfg), backend)
+    """Statistics [6, A] of the L2-normalized anchors against every mix of the L2-normalized emb in cfg's
+    pair set (anchor_index -1 for proxies); no mixed embedding is formed."""
+    anchors, emb, anchor_norm, emb_norm = pair_inputs(backend, anchors, emb)
+    return _call(anchors, anchor_label, anchor_index, emb, labels, anchor_norm, emb_norm, float(lam), *flatten(cfg),
+                 backend)

@@ -11,7 +11,7 @@ import torch
 
 from metrix_kernels import metrix_loss, ops
 from metrix_kernels.backends import MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig
-from metrix_kernels.ops._dispatch import flatten
+from metrix_kernels.ops._dispatch import flatten, pair_inputs
 from metrix_kernels.pairs import MixPlan, batch_pairs
 
 from .conftest import DEVICE
@@ -56,9 +56,12 @@ def test_fakes_match_kernels(device, backend):
     _, terms = loss("multi_similarity")
     flat = flatten(KernelConfig(terms.sigma_pos, terms.sigma_neg, MEMBER_ALL_BUT_SELF))
     mixed = flatten(KernelConfig(terms.sigma_pos, terms.sigma_neg, MEMBER_RULES["pos-neg"]))
+    rows, _, norm, _ = pair_inputs(backend, emb, emb)  # as the ops hand them to this backend
     torch.library.opcheck(torch.ops.metrix.pairwise.default,
-                          (emb, labels, labels, index, emb, labels, labels, index, None, 1.0, *flat, backend))
-    torch.library.opcheck(torch.ops.metrix.gram_mixed.default, (emb, labels, index, emb, labels, 0.3, *mixed, backend))
+                          (rows, labels, labels, index, rows, labels, labels, index, None, norm, norm, 1.0, *flat,
+                           backend))
+    torch.library.opcheck(torch.ops.metrix.gram_mixed.default,
+                          (rows, labels, index, rows, labels, norm, norm, 0.3, *mixed, backend))
     for positions in ((2, 2), (16, 17)):  # the cpu backend's uint8 and int32 argmax
         features = torch.randn(7, 3, *positions, generator=gen).to(device).requires_grad_(True)
         torch.library.opcheck(torch.ops.metrix.mixpool.default, (features, i, j, 0.3, backend))

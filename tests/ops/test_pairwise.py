@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from metrix_kernels import reference
 from metrix_kernels.backends import LABEL_CODES, MEMBER_ALL, MEMBER_ALL_BUT_SELF, MEMBER_RULES, KernelConfig, cpu
-from metrix_kernels.ops import _normalize, _UnitRows, pairwise
+from metrix_kernels.ops import pairwise
+from metrix_kernels.ops._dispatch import UnitRows, normalize
 from metrix_kernels.pairs import rule_member, soft_labels
 
 from .conftest import DEVICE, EXAMPLES
@@ -63,12 +64,14 @@ def test_pairwise_matches_term_stats(name, data):
         row_lab, col_lab = (row_y, row_y), (col_y, col_y2)
     cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, member, LABEL_CODES[label_mode], mixed_rows, True)
 
-    r, c = leaves(torch.nn.functional.normalize(rows, dim=1), torch.nn.functional.normalize(cols, dim=1))
+    # raw rows, of varied norms: the op compares their unit rows, and its gradients go through the normalization
+    scale = torch.rand(rows.shape[0], 1, generator=gen).to(rows.device) * 3 + 0.1
+    r, c = leaves(rows * scale, cols)
     stats = pairwise(r, row_lab, row_idx, c, col_lab, col_idx, lam, cfg, "triton", member_mask=mask)
     r64, c64 = leaves(r, c, dtype=torch.float64)
     w_pos, w_neg = _expected(r64, c64, row_lab, col_lab, row_idx, col_idx, lam, member, label_mode, mixed_rows,
                              mask)
-    expected = reference.term_stats(r64 @ c64.T, w_pos, w_neg, terms)
+    expected = reference.term_stats(reference.normalize(r64) @ reference.normalize(c64).T, w_pos, w_neg, terms)
     for actual, want in zip(stats, expected):
         close(actual, want.to(torch.float64))
     # every gradient, through a random combination of the two differentiable term sums
@@ -97,7 +100,7 @@ def test_normalize_matches_torch(rows, d, scale, dtype, backend, seed):
     x = (torch.randn(rows, d, generator=gen, dtype=dtype) * scale).to(on)
     g = torch.randn(rows, d, generator=gen, dtype=dtype).to(on)
     a, b = x.clone().requires_grad_(), x.double().clone().requires_grad_()
-    ours = _UnitRows.apply(a, None) if backend == "formula" else _normalize(a, dtype, backend)
+    ours = UnitRows.apply(a, None) if backend == "formula" else normalize(a, dtype, backend)
     theirs = torch.nn.functional.normalize(b, dim=-1)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(ours.double(), theirs, rtol=tol, atol=tol)
@@ -114,32 +117,34 @@ def test_normalize_keeps_nan_rows(backend):
     if backend == "cpu":
         skip_unless_usable(backend)
     x = torch.tensor([[1.0, float("nan"), 2.0], [3.0, 4.0, 0.0]], device="cpu" if backend == "cpu" else DEVICE)
-    y = _UnitRows.apply(x, None) if backend == "formula" else _normalize(x, torch.float32, backend)
+    y = UnitRows.apply(x, None) if backend == "formula" else normalize(x, torch.float32, backend)
     assert torch.isnan(y[0]).all()
     close(y[1:], torch.nn.functional.normalize(x[1:], dim=-1))
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
-def test_d2_gradient_at_zero_distance(backend):
-    """s = 1 exactly, where d2 = max(2 - 2s, 0) has a kink: every backend takes the reference's
+def test_d2_gradient_at_zero_distance():
+    """s = 1 exactly, where d2 = max(2 - 2s, 0) has a kink: the cpu kernels take the reference's
     derivative there, 0 (torch's own clamp_min has passed 1 or 0 at its bound, by version). Only
-    visible at the op level: through the normalization of the inputs, the gradient along the row
-    itself is projected away. The cuda backend's case is in tests/test_backend_cuda.py."""
-    skip_unless_usable(backend)
+    visible in the gradient with respect to the unit rows, which the cpu backend returns: through the
+    normalization the gradient along the row itself is projected away, and the triton backend returns
+    the gradient through it, where the kink shows nowhere. The cuda backend's case is in
+    tests/test_backend_cuda.py."""
+    skip_unless_usable("cpu")
     _, terms = loss("nca")  # exp(-d2) on both terms
     rows = torch.tensor([[1.0, 0.0, 0.0]], device=DEVICE)
     cols = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]], device=DEVICE)  # unit rows: s = 1 and 0 exactly
     row_y, col_y = torch.tensor([0], device=DEVICE), torch.tensor([0, 1], device=DEVICE)
     row_idx, col_idx = torch.tensor([0], device=DEVICE), torch.tensor([1, 2], device=DEVICE)
     cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, MEMBER_ALL, LABEL_CODES["interpolate"], False, False)
-    r, c = leaves(rows, cols)
-    stats = pairwise(r, (row_y, row_y), row_idx, c, (col_y, col_y), col_idx, 1.0, cfg, backend)
+    args = (rows, row_y, row_y, row_idx, cols, col_y, col_y, col_idx, 1.0, cfg)
+    stats = cpu.pairwise_forward(*args)
+    ones = torch.ones(1, device=DEVICE)
     r64, c64 = leaves(rows, cols, dtype=torch.float64)
     w_pos = torch.tensor([[1.0, 0.0]], dtype=torch.float64, device=DEVICE)
     expected = reference.term_stats(r64 @ c64.T, w_pos, 1.0 - w_pos, terms)
     for actual, want in zip(stats[:2], expected[:2]):
         close(actual, want.to(torch.float64))
-    for actual, want in zip(grads(stats[0].double().sum() + stats[1].double().sum(), [r, c]),
+    for actual, want in zip(cpu.pairwise_backward(*args, stats, ones, ones),
                             grads(expected.pos_sum.sum() + expected.neg_sum.sum(), [r64, c64])):
         close(actual, want)
 

@@ -52,6 +52,12 @@ def add_chunk_products(block, r0, r1, rows, cols, grad_rows, grad_cols, same):
         torch.mm(block, cols, out=grad_rows[r0:r1])
 
 
+def chunk_rows(d: int, tile: int) -> int:
+    """Rows per backward chunk: a multiple of the tile with [chunk, N] float32 derivatives at most half
+    the size of the [N, d] float32 rows, so the backward holds the gradient and half as much again."""
+    return tile if INTERPRET else max(tile, d // 2 // tile * tile)
+
+
 def sigma_codes(sigma: Sigma) -> tuple[int, int, float, float]:
     return FORMS[sigma.form], INPUTS[sigma.of], float(sigma.scale), float(sigma.shift)
 
@@ -95,6 +101,17 @@ def similarity(a_ptr, offs_a, n_a, b_ptr, offs_b, n_b, D, BA: tl.constexpr, BB: 
         y = tl.load(b_ptr + offs_b[:, None] * D + offs_k[None, :], mask=in_b & in_k, other=0.0)
         s = tl.dot(x, tl.trans(y), s, input_precision=PRECISION)
     return s
+
+
+@triton.jit
+def norm_products(a_norm, offs_a, n_a, b_norm, offs_b, n_b):
+    """[BA, BB] max(|a|, 1e-12) max(|b|, 1e-12) of a tile's rows from their norms (1 outside the
+    bounds; NaN stays NaN, as in F.normalize): a product of raw rows over this is their unit rows'
+    similarity. Divided, not multiplied by a reciprocal: parallel rows in d = 1 then give s = +-1
+    exactly, as normalized rows do."""
+    na = tl.maximum(tl.load(a_norm + offs_a, mask=offs_a < n_a, other=1.0), 1e-12, propagate_nan=tl.PropagateNan.ALL)
+    nb = tl.maximum(tl.load(b_norm + offs_b, mask=offs_b < n_b, other=1.0), 1e-12, propagate_nan=tl.PropagateNan.ALL)
+    return na[:, None] * nb[None, :]
 
 
 @triton.jit

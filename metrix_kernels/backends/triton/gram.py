@@ -5,16 +5,19 @@ For unit e_i, e_j the anchor-to-mix similarity is (SPEC 1.3)
 so a forward program holds an anchor tile, walks i tiles and, inside, j tiles: three similarity tiles
 (<a, e_i>, <a, e_j>, <e_i, e_j>, each accumulated over the width in chunks) combined elementwise into
 an [anchor, i, j] block, then folded into the per-anchor term statistics. No mixed embedding and no
-B x B^2 tensor exists. While the batch is small next to the width (GRAM_WIDTHS), the similarity
-tiles are loaded from Gram matrices written first (one launch) instead of recomputed over the width.
+B x B^2 tensor exists. Anchors and embeddings come raw: every similarity tile is divided by the
+rows' norms, so their unit rows are never written either. While the batch is small next
+to the width (GRAM_WIDTHS), the similarity tiles are loaded from Gram matrices written first (one
+launch) instead of recomputed over the width.
 Membership lets whole (anchor tile, i tile) blocks be skipped: pos-neg / pos-pos need an i of the
 anchor's class, anc-neg needs i = a. Unordered pair sets (pos-pos, neg-neg) walk j >= i only.
 
 Backward, with g = dLoss/ds(a, ij) recomputed from the saved per-anchor term sums: the loss depends
 on the embeddings only through P = <a, e_t> and G = <e_i, e_j>, so
     grad_a = dP @ E,   grad_E = dP^T @ A + dG @ E + dG^T @ E.
-Two kernels write dP and dG by chunks of about d rows (each chunk is then no larger than the
-embeddings); cuBLAS products fold each chunk into the gradients. One program per [16, 16] tile of dP
+Two kernels write dP and dG by chunks of about d / 2 rows (each chunk is then half the size of the
+embeddings); cuBLAS products fold each chunk into the gradients (taken through the normalization at
+the end, in place). One program per [16, 16] tile of dP
 sums over the pairs its embedding t is part of (as i: all j; as j: the anchor's i), one per tile of
 dG over the anchors that mix its i (a range per i tile, from the anchors' class grouping).
 """
@@ -29,9 +32,11 @@ from ...backends import LABEL_NEGATIVE, MEMBER_ANC_NEG, MEMBER_NEG_NEG, MEMBER_P
 from .common import (
     INTERPRET,
     add_chunk_products,
+    chunk_rows,
     dot_precision,
     interpretable,
     label_factor,
+    norm_products,
     padded_dim,
     pair_weights,
     sigma_codes,
@@ -43,6 +48,7 @@ from .common import (
     term_value,
     zeros_like_free,
 )
+from .unit_rows import through_norms_
 
 # The Gram matrices (anchors x embeddings, embeddings x embeddings) are written once per pass while
 # the batch is at most this many times as large as the width d: they then take at most this many times
@@ -52,25 +58,28 @@ GRAM_WIDTHS = 4
 
 
 @triton.jit
-def _products(a_ptr, b_ptr, out, NA, B, D, BA: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
+def _products(a_ptr, a_norm, b_ptr, b_norm, out, NA, B, D, BA: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
               PRECISION: tl.constexpr):
-    """out [NA, B] = a @ b^T in float32, one [BA, BB] tile per program."""
+    """out [NA, B] = the unit rows' a @ b^T in float32, one [BA, BB] tile per program."""
     offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
     offs_b = tl.program_id(1) * BB + tl.arange(0, BB)
-    s = similarity(a_ptr, offs_a, NA, b_ptr, offs_b, B, D, BA, BB, BK, PRECISION)
+    s = similarity(a_ptr, offs_a, NA, b_ptr, offs_b, B, D, BA, BB, BK, PRECISION) \
+        / norm_products(a_norm, offs_a, NA, b_norm, offs_b, B)
     tl.store(out + offs_a[:, None] * B + offs_b[None, :], s, mask=(offs_a < NA)[:, None] & (offs_b < B)[None, :])
 
 
 @triton.jit
-def _sim(g, a_ptr, offs_a, n_a, emb, offs_b, B, D, BA: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
-         PRECISION: tl.constexpr, GRAM: tl.constexpr):
-    """[BA, BB] similarities of rows offs_a of a_ptr (n_a of them) to rows offs_b of emb: loaded from
-    the Gram matrix g [., B] if GRAM, else computed (zero outside the bounds either way)."""
+def _sim(g, a_ptr, a_norm, offs_a, n_a, emb, e_norm, offs_b, B, D, BA: tl.constexpr, BB: tl.constexpr,
+         BK: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr):
+    """[BA, BB] similarities of the unit rows offs_a of a_ptr (n_a of them, norms a_norm) to those offs_b
+    of emb: loaded from the Gram matrix g [., B] if GRAM, else computed (zero outside the bounds
+    either way)."""
     if GRAM:
         mask = (offs_a < n_a)[:, None] & (offs_b < B)[None, :]
         s = tl.load(g + offs_a[:, None].to(tl.int64) * B + offs_b[None, :], mask=mask, other=0.0)
     else:
-        s = similarity(a_ptr, offs_a, n_a, emb, offs_b, B, D, BA, BB, BK, PRECISION)
+        s = similarity(a_ptr, offs_a, n_a, emb, offs_b, B, D, BA, BB, BK, PRECISION) \
+            / norm_products(a_norm, offs_a, n_a, e_norm, offs_b, B)
     return s
 
 
@@ -134,20 +143,20 @@ def _mixed_grad(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i, in
 
 
 @triton.jit
-def _j_tile(anchors, emb, labels, g_ae, g_ee, offs_a, n_a, offs_i, j0, B, D, BA: tl.constexpr, BE: tl.constexpr,
-            BK: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr):
+def _j_tile(anchors, emb, labels, g_ae, g_ee, a_norm, e_norm, offs_a, n_a, offs_i, j0, B, D, BA: tl.constexpr,
+            BE: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr):
     """A tile of second members j0..: (positions, in range, labels, <a, e_j> [BA, BE], <e_i, e_j> [BE, BE])."""
     offs_j = j0 + tl.arange(0, BE)
     in_j = offs_j < B
     lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-    s_aj = _sim(g_ae, anchors, offs_a, n_a, emb, offs_j, B, D, BA, BE, BK, PRECISION, GRAM)
-    s_ij = _sim(g_ee, emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION, GRAM)
+    s_aj = _sim(g_ae, anchors, a_norm, offs_a, n_a, emb, e_norm, offs_j, B, D, BA, BE, BK, PRECISION, GRAM)
+    s_ij = _sim(g_ee, emb, e_norm, offs_i, B, emb, e_norm, offs_j, B, D, BE, BE, BK, PRECISION, GRAM)
     return offs_j, in_j, lj, s_aj, s_ij
 
 
 @triton.jit(do_not_specialize=["NA", "B"])
-def _forward(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, stats, NA, B, D, lam, label_lam,
-             p_scale, p_shift, n_scale, n_shift,
+def _forward(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm, stats, NA, B, D, lam,
+             label_lam, p_scale, p_shift, n_scale, n_shift,
              P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
              MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
              BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
@@ -164,11 +173,11 @@ def _forward(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, stats
         in_i = offs_i < B
         li = tl.load(labels + offs_i, mask=in_i, other=-2)
         if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-            s_ai = _sim(g_ae, anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION, GRAM)
+            s_ai = _sim(g_ae, anchors, a_norm, offs_a, NA, emb, e_norm, offs_i, B, D, BA, BE, BK, PRECISION, GRAM)
             j_lo = i0 if (MEMBER == 4 or MEMBER == 5) else 0
             for j0 in range(j_lo, B, BE):
-                offs_j, in_j, lj, s_aj, s_ij = _j_tile(anchors, emb, labels, g_ae, g_ee, offs_a, NA, offs_i, j0, B, D,
-                                                       BA, BE, BK, PRECISION, GRAM)
+                offs_j, in_j, lj, s_aj, s_ij = _j_tile(anchors, emb, labels, g_ae, g_ee, a_norm, e_norm, offs_a, NA,
+                                                       offs_i, j0, B, D, BA, BE, BK, PRECISION, GRAM)
                 s, n, root, w_pos, w_neg = _mixed(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i,
                                                   in_j, lam, label_lam, MEMBER, NEGATIVE)
                 p_m, p_t, p_mass, p_nnz = term_update(p_m, p_t, p_mass, p_nnz, sigma_x(s, p_scale, p_shift, P_OF),
@@ -196,8 +205,8 @@ def _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA):
 
 
 @triton.jit(do_not_specialize=["NA", "B", "a0", "a1"])
-def _grad_p(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, stats, g_pos, g_neg, i_ranges, dp_out,
-            a0, a1, NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
+def _grad_p(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm, stats, g_pos, g_neg,
+            i_ranges, dp_out, a0, a1, NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
             P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
             MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
             RANGES: tl.constexpr, BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
@@ -212,12 +221,12 @@ def _grad_p(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, stats,
     in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA)
     in_a = in_a & (offs_a < a1)
     acc = tl.zeros([BA, BE], dtype=tl.float32)
-    s_at = _sim(g_ae, anchors, offs_a, a1, emb, offs_t, B, D, BA, BE, BK, PRECISION, GRAM)
+    s_at = _sim(g_ae, anchors, a_norm, offs_a, a1, emb, e_norm, offs_t, B, D, BA, BE, BK, PRECISION, GRAM)
     if _live(z, idx, lt, offs_t, in_a, in_t, MEMBER):
         j_lo = t0 if (MEMBER == 4 or MEMBER == 5) else 0
         for j0 in range(j_lo, B, BE):
-            offs_j, in_j, lj, s_aj, s_tj = _j_tile(anchors, emb, labels, g_ae, g_ee, offs_a, a1, offs_t, j0, B, D,
-                                                   BA, BE, BK, PRECISION, GRAM)
+            offs_j, in_j, lj, s_aj, s_tj = _j_tile(anchors, emb, labels, g_ae, g_ee, a_norm, e_norm, offs_a, a1,
+                                                   offs_t, j0, B, D, BA, BE, BK, PRECISION, GRAM)
             over_n, d_ij = _mixed_grad(s_at, s_aj, s_tj, z, idx, lt, lj, offs_t, offs_j, in_a, in_t, in_j,
                                        lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                        P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
@@ -235,18 +244,19 @@ def _grad_p(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, stats,
         in_i = offs_i < B
         li = tl.load(labels + offs_i, mask=in_i, other=-2)
         if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-            s_ai = _sim(g_ae, anchors, offs_a, a1, emb, offs_i, B, D, BA, BE, BK, PRECISION, GRAM)
-            s_it = _sim(g_ee, emb, offs_i, B, emb, offs_t, B, D, BE, BE, BK, PRECISION, GRAM)
+            s_ai = _sim(g_ae, anchors, a_norm, offs_a, a1, emb, e_norm, offs_i, B, D, BA, BE, BK, PRECISION, GRAM)
+            s_it = _sim(g_ee, emb, e_norm, offs_i, B, emb, e_norm, offs_t, B, D, BE, BE, BK, PRECISION, GRAM)
             over_n, d_ij = _mixed_grad(s_ai, s_at, s_it, z, idx, li, lt, offs_i, offs_t, in_a, in_i, in_t,
                                        lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                        P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
             acc += (1.0 - lam) * tl.sum(over_n, axis=1)
+    acc = acc / norm_products(a_norm, offs_a, NA, e_norm, offs_t, B)  # dLoss/d<raw a, raw e_t>
     tl.store(dp_out + (offs_a - a0)[:, None] * B + offs_t[None, :], acc, mask=in_a[:, None] & in_t[None, :])
 
 
 @triton.jit(do_not_specialize=["NA", "B", "i0", "i1"])
-def _grad_g(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, stats, g_pos, g_neg, anchor_ranges, dg_out,
-            i0, i1, NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
+def _grad_g(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm, stats, g_pos, g_neg,
+            anchor_ranges, dg_out, i0, i1, NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
             P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
             MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
             RANGES: tl.constexpr, BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
@@ -262,7 +272,7 @@ def _grad_g(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, stats,
     if (MEMBER != 4 and MEMBER != 5) | (j0 + BE > tile * BE):  # unordered pairs need i < j
         li = tl.load(labels + offs_i, mask=in_i, other=-2)
         lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-        s_ij = _sim(g_ee, emb, offs_i, B, emb, offs_j, B, D, BE, BE, BK, PRECISION, GRAM)
+        s_ij = _sim(g_ee, emb, e_norm, offs_i, B, emb, e_norm, offs_j, B, D, BE, BE, BK, PRECISION, GRAM)
         a_lo = 0
         a_hi = NA
         if RANGES:
@@ -273,12 +283,15 @@ def _grad_g(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, stats,
             in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg,
                                                                offs_a, NA)
             if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-                s_ai = _sim(g_ae, anchors, offs_a, NA, emb, offs_i, B, D, BA, BE, BK, PRECISION, GRAM)
-                s_aj = _sim(g_ae, anchors, offs_a, NA, emb, offs_j, B, D, BA, BE, BK, PRECISION, GRAM)
+                s_ai = _sim(g_ae, anchors, a_norm, offs_a, NA, emb, e_norm, offs_i, B, D, BA, BE, BK, PRECISION,
+                            GRAM)
+                s_aj = _sim(g_ae, anchors, a_norm, offs_a, NA, emb, e_norm, offs_j, B, D, BA, BE, BK, PRECISION,
+                            GRAM)
                 over_n, d_ij = _mixed_grad(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i, in_j,
                                            lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                            P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
                 acc += lam * (1.0 - lam) * tl.sum(d_ij, axis=0)
+    acc = acc / norm_products(e_norm, offs_i, B, e_norm, offs_j, B)  # dLoss/d<raw e_i, raw e_j>
     tl.store(dg_out + (offs_i - i0)[:, None] * B + offs_j[None, :], acc, mask=in_i[:, None] & in_j[None, :])
 
 
@@ -290,20 +303,20 @@ def _blocks(d: int) -> tuple[int, int, int]:
     return 16, 16, min(padded_dim(d), 128)
 
 
-def _products_of(a, b, precision):
-    """a @ b^T [rows of a, rows of b] in float32, by the kernels' own similarity products."""
+def _products_of(a, a_norm, b, b_norm, precision):
+    """The unit rows' a @ b^T [rows of a, rows of b] in float32, by the kernels' own similarity products."""
     out = torch.empty(a.shape[0], b.shape[0], device=a.device, dtype=torch.float32)
     tile = 16 if INTERPRET else 32
     _products[(triton.cdiv(a.shape[0], tile), triton.cdiv(b.shape[0], tile))](
-        a, b, out, a.shape[0], b.shape[0], a.shape[1], BA=tile, BB=tile, BK=_blocks(a.shape[1])[2],
+        a, a_norm, b, b_norm, out, a.shape[0], b.shape[0], a.shape[1], BA=tile, BB=tile, BK=_blocks(a.shape[1])[2],
         PRECISION=precision, num_warps=4)
     return out
 
 
-def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, same):
+def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, norms, same):
     """(tensors, scalars, constants) of the kernels; the tensors end with the Gram matrices (anchors x
     embeddings, embeddings x embeddings; one when the anchors are the embeddings) where GRAM_WIDTHS
-    allows them, else with placeholders."""
+    allows them, else with placeholders, and the norms (anchors', embeddings')."""
     if cfg.member not in (MEMBER_POS_NEG, MEMBER_ANC_NEG, MEMBER_POS_POS, MEMBER_NEG_NEG):
         raise ValueError(f"gram_mixed needs a pair-set membership rule, got {cfg.member}")
     p = sigma_codes(cfg.sigma_pos)
@@ -311,34 +324,30 @@ def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, sam
     scalars = (float(lam), label_factor(lam, cfg.label_mode), p[2], p[3], n[2], n[3])
     precision = dot_precision(anchors.dtype)
     gram = 0 < emb.shape[0] <= GRAM_WIDTHS * emb.shape[1]
-    consts = dict(P_FORM=p[0], P_OF=p[1], N_FORM=n[0], N_OF=n[1], MEMBER=cfg.member, NEGATIVE=cfg.label_mode == LABEL_NEGATIVE,
-                  PRECISION=precision, GRAM=gram)
+    consts = dict(P_FORM=p[0], P_OF=p[1], N_FORM=n[0], N_OF=n[1], MEMBER=cfg.member,
+                  NEGATIVE=cfg.label_mode == LABEL_NEGATIVE, PRECISION=precision, GRAM=gram)
+    a_norm, e_norm = norms
     if gram:
-        g_ee = _products_of(emb, emb, precision)
-        g_ae = g_ee if same else _products_of(anchors, emb, precision)
+        g_ee = _products_of(emb, e_norm, emb, e_norm, precision)
+        g_ae = g_ee if same else _products_of(anchors, a_norm, emb, e_norm, precision)
     else:
         g_ae = g_ee = emb
-    return (anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee), scalars, consts
+    return (anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm), scalars, consts
 
 
-def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg):
+
+def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, *, norms):
     same = anchors is emb
     anchors, emb = interpretable(anchors), interpretable(emb)
     na, d = anchors.shape
     stats = torch.empty(6, na, device=anchors.device, dtype=torch.float32)
     if na == 0:
         return stats
-    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, same)
+    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, norms, same)
     ba, be, bk = _blocks(d)
     _forward[(triton.cdiv(na, ba),)](*tensors, stats, na, emb.shape[0], d, *scalars, **consts, BA=ba, BE=be, BK=bk,
                                      num_warps=4)
     return stats
-
-
-def _chunk_rows(d: int) -> int:
-    """Rows per backward chunk: a [chunk, B] block of derivatives is then no larger than the [B, d]
-    embeddings, so the backward's memory stays O((A + B) d)."""
-    return 16 if INTERPRET else triton.cdiv(max(d, 16), 16) * 16
 
 
 def _tile_ranges(tile_keys, keys, size):
@@ -359,10 +368,11 @@ def _tile_ranges(tile_keys, keys, size):
 
 
 def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, stats, grad_pos_sum,
-                        grad_neg_sum):
+                        grad_neg_sum, *, norms):
     """Two kernels write, by chunks of rows, dLoss/d<a, e_t> (anchors x embeddings) and
-    dLoss/d<e_i, e_j> (embeddings x embeddings); matrix products (cuBLAS) turn each chunk into its
-    share of the gradients."""
+    dLoss/d<e_i, e_j> (embeddings x embeddings) over the rows' norms; matrix products (cuBLAS) turn each
+    chunk into its share of the gradients with the norms held fixed, and a last pass takes each
+    gradient through its rows' normalization, in place."""
     dtype = anchors.dtype
     same = anchors is emb  # one gradient buffer, the sum of both (backends contract)
     anchors, emb = interpretable(anchors), interpretable(emb)
@@ -372,11 +382,11 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
         return torch.zeros_like(anchors, dtype=dtype), torch.zeros_like(emb, dtype=dtype)
     grad_emb = torch.empty(b, d, device=anchors.device, dtype=torch.float32)
     grad_anchors = grad_emb if same else torch.empty(na, d, device=anchors.device, dtype=torch.float32)
-    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, same)
+    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, norms, same)
     ba, be, bk = _blocks(d)
     grads = (stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous())
     a32, e32 = anchors.float(), emb.float()
-    chunk = _chunk_rows(d)
+    chunk = chunk_rows(d, 16)
     block = torch.empty(min(chunk, max(na, b)), b, device=anchors.device, dtype=torch.float32)
     # Walking every tile of the other side is cheap for small batches; past that, ranges pay off.
     # Membership ties i to the anchor by class (pos-neg, pos-pos) or by index (anc-neg).
@@ -400,4 +410,8 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
         dg = block[: i1 - i0]
         grad_emb[i0:i1].addmm_(dg, e32)
         grad_emb.addmm_(dg.T, e32[i0:i1])
-    return grad_anchors.to(dtype), zeros_like_free(emb, dtype) if same else grad_emb.to(dtype)
+    del block
+    through_norms_(grad_emb, emb, norms[1])
+    if same:
+        return grad_anchors.to(dtype), zeros_like_free(emb, dtype)
+    return through_norms_(grad_anchors, anchors, norms[0]).to(dtype), grad_emb.to(dtype)

@@ -1,14 +1,16 @@
 """Fused pairwise loss terms: rows [R, d] x cols [V, d] reduced to per-row statistics.
 
-Forward: one program per row tile walks the column tiles; each similarity tile s = rows @ cols^T
+Forward: one program per row tile walks the column tiles; each similarity tile s of the unit rows
 (accumulated over the width in chunks, common.similarity) is turned into pair weights (labels
 compared in the kernel) and folded into running per-row term statistics (online log-sum-exp for
 exponential sigmas). Nothing of size R x V is stored.
-Backward, by chunks of about d rows: a kernel recomputes the chunk's similarity tiles and weights and
-writes dS = g_pos * dterm_pos/ds + g_neg * dterm_neg/ds from the saved term sums; two matrix products
-(cuBLAS) then give the gradients, dS @ cols and dS^T @ rows. The [chunk, V] block is the size of
-the columns themselves, so memory stays O((R + V) d), while the products run at the card's matmul
-rate (a fused backward had to recompute every similarity tile once per gradient-width chunk).
+Rows and columns come raw: the kernels divide each similarity tile by the rows' norms (N floats), so the unit rows are never written and the op holds nothing of size [N, d] but its inputs.
+Backward, by chunks of about d / 2 rows: a kernel recomputes the chunk's similarity tiles and weights
+and writes dS = g_pos * dterm_pos/ds + g_neg * dterm_neg/ds from the saved term sums, over the norms;
+two matrix products (cuBLAS) then give the gradients, dS @ cols and dS^T @ rows, and one pass takes
+them through the normalization in place. The [chunk, V] block is half the size of the columns, so
+memory stays O((R + V) d), while the products run at the card's matmul rate (a fused backward had to
+recompute every similarity tile once per gradient-width chunk).
 """
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ from .common import (
     INTERPRET,
     MIN_BLOCK,
     add_chunk_products,
+    chunk_rows,
     dot_precision,
     interpretable,
     k_block,
     label_factor,
+    norm_products,
     pair_weights,
     sigma_codes,
     sigma_dx,
@@ -35,6 +39,7 @@ from .common import (
     term_value,
     zeros_like_free,
 )
+from .unit_rows import through_norms_
 
 
 @triton.jit
@@ -64,7 +69,7 @@ def _weights(r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, offs_r, offs_v, R, V,
 
 
 @triton.jit(do_not_specialize=["R", "V"])
-def _forward(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, stats, R, V, D, label_lam,
+def _forward(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, r_norm, c_norm, stats, R, V, D, label_lam,
              p_scale, p_shift, n_scale, n_shift,
              P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
              MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, MIXED_ROWS: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -75,7 +80,8 @@ def _forward(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, stats, R,
     n_m, n_t, n_mass, n_nnz = zero - float("inf"), zero, zero, zero
     for v0 in range(0, V, BV):
         offs_v = v0 + tl.arange(0, BV)
-        s = similarity(rows, offs_r, R, cols, offs_v, V, D, BR, BV, BK, PRECISION)
+        s = similarity(rows, offs_r, R, cols, offs_v, V, D, BR, BV, BK, PRECISION) \
+            / norm_products(r_norm, offs_r, R, c_norm, offs_v, V)
         w_pos, w_neg = _weights(r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, offs_r, offs_v, R, V, label_lam,
                                 MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK)
         p_m, p_t, p_mass, p_nnz = term_update(p_m, p_t, p_mass, p_nnz, sigma_x(s, p_scale, p_shift, P_OF),
@@ -92,14 +98,17 @@ def _forward(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, stats, R,
 
 
 @triton.jit
-def _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, stats, g_pos, g_neg,
+def _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, r_norm, c_norm, stats,
+               g_pos, g_neg,
                R, V, label_lam, p_scale, p_shift, n_scale, n_shift,
                P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
                MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, MIXED_ROWS: tl.constexpr, HAS_MASK: tl.constexpr,
                PRECISION: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-    """dLoss/ds of a [BR, BV] tile, recomputed from the rows' saved term sums."""
+    """dLoss/d<row, col> of a [BR, BV] tile of raw rows, norms held fixed (dLoss/ds / (|row| |col|)),
+    recomputed from the rows' saved term sums."""
     in_r = offs_r < R
-    s = similarity(rows, offs_r, R, cols, offs_v, V, D, BR, BV, BK, PRECISION)
+    norms = norm_products(r_norm, offs_r, R, c_norm, offs_v, V)
+    s = similarity(rows, offs_r, R, cols, offs_v, V, D, BR, BV, BK, PRECISION) / norms
     w_pos, w_neg = _weights(r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, offs_r, offs_v, R, V, label_lam,
                             MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK)
     p_val = tl.load(stats + offs_r, mask=in_r, other=0.0)[:, None]
@@ -108,19 +117,20 @@ def _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix
     gn = tl.load(g_neg + offs_r, mask=in_r, other=0.0)[:, None]
     ds = gp * term_grad(sigma_x(s, p_scale, p_shift, P_OF), w_pos, p_val, P_FORM) * sigma_dx(s, p_scale, P_OF)
     ds += gn * term_grad(sigma_x(s, n_scale, n_shift, N_OF), w_neg, n_val, N_FORM) * sigma_dx(s, n_scale, N_OF)
-    return ds
+    return ds / norms
 
 
 @triton.jit(do_not_specialize=["R", "V", "r0", "r1"])
-def _grad_s(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, stats, g_pos, g_neg, ds_out, r0, r1,
-            R, V, D, label_lam, p_scale, p_shift, n_scale, n_shift,
+def _grad_s(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, r_norm, c_norm, stats, g_pos, g_neg, ds_out,
+            r0, r1, R, V, D, label_lam, p_scale, p_shift, n_scale, n_shift,
             P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
             MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, MIXED_ROWS: tl.constexpr, HAS_MASK: tl.constexpr,
             PRECISION: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-    """dLoss/ds of rows r0..r1 x all columns, one [BR, BV] tile per program, into ds_out [r1 - r0, V]."""
+    """_grad_tile of rows r0..r1 x all columns, one [BR, BV] tile per program, into ds_out [r1 - r0, V]."""
     offs_r = r0 + tl.program_id(0) * BR + tl.arange(0, BR)
     offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
-    ds = _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, stats, g_pos, g_neg,
+    ds = _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, r_norm, c_norm,
+                    stats, g_pos, g_neg,
                     R, V, label_lam, p_scale, p_shift, n_scale, n_shift, P_FORM, P_OF, N_FORM, N_OF, MEMBER,
                     NEGATIVE, MIXED_ROWS, HAS_MASK, PRECISION, BR, BV, BK)
     tl.store(ds_out + (offs_r - r0)[:, None] * V + offs_v[None, :], ds,
@@ -134,18 +144,12 @@ def _blocks(d: int, dtype) -> tuple[int, int, int]:
     return 64, 64, k_block(d, dtype)
 
 
-def _chunk_rows(d: int, br: int) -> int:
-    """Rows per backward chunk: the [chunk, V] dLoss/ds block is then no larger than the [V, d] columns,
-    so the backward's memory stays O((R + V) d)."""
-    return br if INTERPRET else triton.cdiv(max(d, br), br) * br
-
-
 def _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
-                 member_mask, lam, cfg):
+                 member_mask, lam, cfg, norms):
     p = sigma_codes(cfg.sigma_pos)
     n = sigma_codes(cfg.sigma_neg)
     mask = member_mask if member_mask is not None else row_label_i  # a dummy pointer when unused
-    tensors = (rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index, mask)
+    tensors = (rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index, mask, *norms)
     scalars = (label_factor(lam, cfg.label_mode), p[2], p[3], n[2], n[3])
     consts = dict(P_FORM=p[0], P_OF=p[1], N_FORM=n[0], N_OF=n[1], MEMBER=cfg.member, NEGATIVE=cfg.label_mode == LABEL_NEGATIVE,
                   MIXED_ROWS=bool(cfg.mixed_rows), HAS_MASK=member_mask is not None,
@@ -154,7 +158,7 @@ def _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i, c
 
 
 def pairwise_forward(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
-                     lam, cfg, member_mask=None):
+                     lam, cfg, member_mask=None, *, norms):
     rows, cols = interpretable(rows), interpretable(cols)
     r, d = rows.shape
     v = cols.shape[0]
@@ -162,17 +166,18 @@ def pairwise_forward(rows, row_label_i, row_label_j, row_index, cols, col_label_
     if r == 0:
         return stats
     tensors, scalars, consts = _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i,
-                                            col_label_j, col_index, member_mask, lam, cfg)
+                                            col_label_j, col_index, member_mask, lam, cfg, norms)
     br, bv, bk = _blocks(d, rows.dtype)
     _forward[(triton.cdiv(r, br),)](*tensors, stats, r, v, d, *scalars, **consts, BR=br, BV=bv, BK=bk, num_warps=4)
     return stats
 
 
 def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
-                      lam, cfg, stats, grad_pos_sum, grad_neg_sum, member_mask=None):
-    """Chunks of rows: a kernel recomputes the chunk's similarity tiles and writes dLoss/ds, then two
-    matrix products (torch, i.e. cuBLAS) turn it into the gradients: dS @ cols for the chunk's rows
-    and dS^T @ rows added to the columns' gradient."""
+                      lam, cfg, stats, grad_pos_sum, grad_neg_sum, member_mask=None, *, norms):
+    """Chunks of rows: a kernel recomputes the chunk's similarity tiles and writes dLoss/ds (over the
+    norms), then two matrix products (torch, i.e. cuBLAS) turn it into the gradients with the norms held
+    fixed: dS @ cols for the chunk's rows and dS^T @ rows added to the columns' gradient; a last pass
+    takes each gradient through its rows' normalization, in place."""
     dtype = rows.dtype
     same = rows is cols  # one gradient buffer, the sum of both (backends contract)
     rows, cols = interpretable(rows), interpretable(cols)
@@ -183,9 +188,9 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
     grad_cols = torch.empty(v, d, device=rows.device, dtype=torch.float32)
     grad_rows = grad_cols if same else torch.empty(r, d, device=rows.device, dtype=torch.float32)
     tensors, scalars, consts = _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i,
-                                            col_label_j, col_index, member_mask, lam, cfg)
+                                            col_label_j, col_index, member_mask, lam, cfg, norms)
     br, bv, bk = _blocks(d, rows.dtype)
-    chunk = min(_chunk_rows(d, br), r)
+    chunk = min(chunk_rows(d, br), r)
     ds = torch.empty(chunk, v, device=rows.device, dtype=torch.float32)
     rows32, cols32 = rows.float(), cols.float()
     g_pos, g_neg = grad_pos_sum.contiguous(), grad_neg_sum.contiguous()
@@ -195,4 +200,8 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
             *tensors, stats, g_pos, g_neg, ds, r0, r1, r, v, d, *scalars, **consts, BR=br, BV=bv, BK=bk,
             num_warps=4)
         add_chunk_products(ds[: r1 - r0], r0, r1, rows32, cols32, grad_rows, grad_cols, same)
-    return grad_rows.to(dtype), zeros_like_free(cols, dtype) if same else grad_cols.to(dtype)
+    del ds
+    through_norms_(grad_rows, rows, norms[0])
+    if same:
+        return grad_rows.to(dtype), zeros_like_free(cols, dtype)
+    return grad_rows.to(dtype), through_norms_(grad_cols, cols, norms[1]).to(dtype)
