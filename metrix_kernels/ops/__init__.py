@@ -109,8 +109,9 @@ def mixed_loss(
     Embedding mixup without an explicit member mask reads only plan.lam, plan.pair_set and
     plan.label_mode: the Gram op enumerates the pairs itself, so plan.i / plan.j are never listed.
     """
-    e, e_labels = _batch(row, embeddings, labels, plan, mixup, backend)
-    stats = _mixed_stats(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model, backend)
+    e, e_labels, order = _batch(row, embeddings, labels, plan, mixup, backend)
+    stats = _mixed_stats(row, terms, e, e_labels, order, labels, proxies, plan, mixup, features, head, inputs, model,
+                         backend)
     return _assemble(row, terms, embeddings.dtype, backend, stats)
 
 
@@ -120,13 +121,10 @@ def error_function(
     backend: str = "triton",
 ) -> torch.Tensor:
     """reference.error_function on a fused backend: clean_loss + weight * mixed_loss, the two assembled
-    together. The clean loss takes the batch as it comes: the class-sorted copy that the Gram op may
-    take is then freed by the Gram op's backward, which autograd runs first (the later node), before
-    the clean op's backward makes a second [B, d] gradient."""
-    clean = _clean_stats(row, terms, embeddings.to(_work_dtype(embeddings.dtype, backend)), labels, proxies,
-                         backend)
-    e, e_labels = _batch(row, embeddings, labels, plan, mixup, backend)
-    mixed = _mixed_stats(row, terms, e, e_labels, labels, proxies, plan, mixup, features, head, inputs, model,
+    together."""
+    e, e_labels, order = _batch(row, embeddings, labels, plan, mixup, backend)
+    clean = _clean_stats(row, terms, e, labels, proxies, backend)
+    mixed = _mixed_stats(row, terms, e, e_labels, order, labels, proxies, plan, mixup, features, head, inputs, model,
                          backend)
     return _assemble(row, terms, embeddings.dtype, backend, clean, mixed, weight)
 
@@ -137,14 +135,16 @@ def _by_gram(row: LossRow, plan: MixPlan, mixup: str) -> bool:
 
 
 def _batch(row: LossRow, embeddings, labels, plan: MixPlan, mixup: str, backend: str):
-    """The batch in the backend's dtype and its labels, grouped by class when the Gram op takes
-    pos-neg / anc-neg pairs: ordered pairs, so the order changes no pair and no sum over anchors (nor
-    the clean loss's), and the kernel then skips whole tiles without a member (pos-pos / neg-neg put
-    lam on the first of i < j, so their batch order matters and is kept)."""
+    """(the batch in the backend's dtype, the labels in the Gram op's order, that order or None). The
+    Gram op takes pos-neg / anc-neg pairs grouped by class: ordered pairs, so the order changes no pair
+    and no sum over anchors, and the kernel then skips whole tiles without a member (pos-pos / neg-neg
+    put lam on the first of i < j, so their batch order matters and is kept). The op reads the batch
+    through the order; no sorted copy is made where the backend can (gram_mixed)."""
+    order = None
     if _by_gram(row, plan, mixup) and plan.pair_set in ("pos-neg", "anc-neg"):
         order = torch.argsort(labels, stable=True)
-        embeddings, labels = embeddings[order], labels[order]
-    return embeddings.to(_work_dtype(embeddings.dtype, backend)), labels
+        labels = labels[order]
+    return embeddings.to(_work_dtype(embeddings.dtype, backend)), labels, order
 
 
 def _clean_stats(row: LossRow, terms: Terms, e, labels, proxies, backend: str) -> torch.Tensor:
@@ -174,10 +174,10 @@ def _mixed_rows(mixup, plan, e, features, head, inputs, model, backend) -> torch
     return model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]).to(e.dtype)
 
 
-def _mixed_stats(row: LossRow, terms: Terms, e, e_labels, labels, proxies, plan: MixPlan, mixup: str, features, head,
-                 inputs, model, backend: str) -> torch.Tensor:
-    """The mixed loss's statistics [6, A] from the batch e (labels e_labels: sorted as e is, for the
-    Gram op); labels are the batch's own, that plan.i / plan.j index."""
+def _mixed_stats(row: LossRow, terms: Terms, e, e_labels, order, labels, proxies, plan: MixPlan, mixup: str, features,
+                 head, inputs, model, backend: str) -> torch.Tensor:
+    """The mixed loss's statistics [6, A] from the batch e (the Gram op takes it in order, where given,
+    with labels e_labels in that order); labels are the batch's own, that plan.i / plan.j index."""
     if row.candidates == "proxies":
         # the mixed examples are the anchors; every proxy is a candidate with a soft label
         m = _mixed_rows(mixup, plan, e, features, head, inputs, model, backend)
@@ -196,7 +196,7 @@ def _mixed_stats(row: LossRow, terms: Terms, e, e_labels, labels, proxies, plan:
         member_mask = plan.member
     cfg = _config(row, terms, rule, plan)
     if _by_gram(row, plan, mixup):
-        return gram_mixed(anchors, anchor_labels, anchor_index, e, e_labels, plan.lam, cfg, backend)
+        return gram_mixed(anchors, anchor_labels, anchor_index, e, e_labels, plan.lam, cfg, backend, order)
     m = _mixed_rows(mixup, plan, e, features, head, inputs, model, backend)
     return pairwise(anchors, (anchor_labels, anchor_labels), anchor_index, m, (labels[plan.i], labels[plan.j]),
                     plan.i, plan.lam, cfg, backend, member_mask=member_mask)

@@ -161,6 +161,9 @@ def pair_inputs(backend: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Opt
     return unit_a, unit_a if b is a else normalize(b, b.dtype, backend), None, None
 
 
-def norm_kwargs(first: Optional[Tensor], second: Optional[Tensor]) -> dict:
-    """The keyword the pair functions of UNIT_ROWS_BACKENDS take the norms by (backends contract)."""
-    return {} if first is None else {"norms": (first, second)}
+def unit_kwargs(first: Optional[Tensor], second: Optional[Tensor], order: Optional[Tensor] = None) -> dict:
+    """The keywords the pair functions of UNIT_ROWS_BACKENDS take the norms (and the Gram op's order)
+    by (backends contract); none for other backends, whose rows come normalized (and permuted)."""
+    if first is None:
+        return {}
+    return {"norms": (first, second)} if order is None else {"norms": (first, second), "order": order}

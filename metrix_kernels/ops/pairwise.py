@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..backends import KernelConfig
-from ._dispatch import backend_module, flatten, fused_op, none_if_free_zeros, norm_kwargs, pair_inputs, unflatten
+from ._dispatch import backend_module, flatten, fused_op, none_if_free_zeros, unit_kwargs, pair_inputs, unflatten
 
 
 def _forward(
@@ -18,7 +18,7 @@ def _forward(
 ) -> Tensor:
     return backend_module(backend).pairwise_forward(
         rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index, lam,
-        unflatten(codes, scalars, flags), member_mask=member_mask, **norm_kwargs(row_norm, col_norm),
+        unflatten(codes, scalars, flags), member_mask=member_mask, **unit_kwargs(row_norm, col_norm),
     )
 
 
@@ -36,7 +36,7 @@ def _backward_kernel(
     return backend_module(backend).pairwise_backward(
         rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index, lam,
         unflatten(codes, scalars, flags), stats, grad_pos_sum, grad_neg_sum, member_mask=member_mask,
-        **norm_kwargs(row_norm, col_norm),
+        **unit_kwargs(row_norm, col_norm),
     )
 
 

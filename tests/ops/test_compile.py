@@ -61,7 +61,7 @@ def test_fakes_match_kernels(device, backend):
                           (rows, labels, labels, index, rows, labels, labels, index, None, norm, norm, 1.0, *flat,
                            backend))
     torch.library.opcheck(torch.ops.metrix.gram_mixed.default,
-                          (rows, labels, index, rows, labels, norm, norm, 0.3, *mixed, backend))
+                          (rows, labels, index, rows, labels, norm, norm, None, 0.3, *mixed, backend))
     for positions in ((2, 2), (16, 17)):  # the cpu backend's uint8 and int32 argmax
         features = torch.randn(7, 3, *positions, generator=gen).to(device).requires_grad_(True)
         torch.library.opcheck(torch.ops.metrix.mixpool.default, (features, i, j, 0.3, backend))

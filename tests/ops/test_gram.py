@@ -36,9 +36,14 @@ def _check_gram(pair_set, proxy_anchors, data):
     _, terms = loss(data.draw(st.sampled_from(SIGMAS)))
     # d >= 3: in d = 1 antipodal pairs are common and their mix at lam = 0.5 has no direction
     emb, labels, gen = data.draw(batches(max_size=24, classes=(1, 4), dims=(3, 8, 17)))
-    if data.draw(st.booleans(), label="grouped by class"):  # as the ops layer hands over pos-neg / anc-neg
+    # grouped by class, as the ops layer hands over pos-neg / anc-neg: a sorted copy, or read through the order
+    grouping = data.draw(st.sampled_from(["as drawn", "sorted copy", "through order"]))
+    order = None
+    if grouping != "as drawn":
         order = torch.argsort(labels, stable=True)
-        emb, labels = emb[order], labels[order]
+        labels = labels[order]  # by position
+        if grouping == "sorted copy":
+            emb, order = emb[order], None
     label_mode = data.draw(st.sampled_from(sorted(LABEL_CODES)))
     # lam at or near 0 or 1 puts a mix at or near an anchor, where float32's d = sqrt(2 - 2s) is off
     # by sqrt(its rounding of s), ~3e-4, and 1 / d amplifies it: the exact lam = 0 only for s and d2
@@ -54,18 +59,21 @@ def _check_gram(pair_set, proxy_anchors, data):
         anchor_idx = torch.arange(labels.shape[0], device=emb.device)
         member = MEMBER_RULES[pair_set]
     cfg = KernelConfig(terms.sigma_pos, terms.sigma_neg, member, LABEL_CODES[label_mode], False, True)
-    # the op's formula holds for unit embeddings: compare gradients of the raw (unnormalized) inputs
-    a, x = leaves(raw_anchors, emb)
-    stats = gram_mixed(reference.normalize(a), anchor_y, anchor_idx, reference.normalize(x), labels, lam, cfg,
-                       "triton")
+    # raw inputs (the op normalizes them); the batch's own anchors are the very tensor, as in the ops layer
+    x, = leaves(emb)
+    a = leaves(raw_anchors)[0] if proxy_anchors else x
+    stats = gram_mixed(a, anchor_y, anchor_idx, x, labels, lam, cfg, "triton", order=order)
 
-    a64, x64 = leaves(a, x, dtype=torch.float64)
+    x64, = leaves(x, dtype=torch.float64)
+    a64 = leaves(a, dtype=torch.float64)[0] if proxy_anchors else x64
+    by_position = x64 if order is None else x64[order]
     i, j = batch_pairs(labels, pair_set)
     plan = MixPlan(i, j, lam, pair_set, label_mode)
-    mixed = reference.normalize(reference.mix_embeddings(x64, plan))
+    mixed = reference.normalize(reference.mix_embeddings(by_position, plan))
     keep = rule_member(pair_set, anchor_y, None if proxy_anchors else anchor_idx, labels[i], labels[j], i)
     y = soft_labels(anchor_y, labels[i], labels[j], lam, label_mode, torch.float64)
-    expected = reference.term_stats(reference.normalize(a64) @ mixed.T, keep * y, keep * (1.0 - y), terms)
+    anchors64 = a64 if proxy_anchors else by_position
+    expected = reference.term_stats(reference.normalize(anchors64) @ mixed.T, keep * y, keep * (1.0 - y), terms)
     for actual, want in zip(stats, expected):
         close(actual, want.to(torch.float64))
     u, v = torch.rand(2, raw_anchors.shape[0], generator=gen, dtype=torch.float64).to(emb.device)
@@ -74,6 +82,7 @@ def _check_gram(pair_set, proxy_anchors, data):
         return (u * torch.where(torch.isfinite(pos), pos, 0.0)).sum() + (v * torch.where(torch.isfinite(neg), neg,
                                                                                          0.0)).sum()
 
-    for actual, want in zip(grads(combine(stats[0].double(), stats[1].double()), [a, x]),
-                            grads(combine(expected.pos_sum, expected.neg_sum), [a64, x64])):
+    inputs, inputs64 = ([a, x], [a64, x64]) if proxy_anchors else ([x], [x64])
+    for actual, want in zip(grads(combine(stats[0].double(), stats[1].double()), inputs),
+                            grads(combine(expected.pos_sum, expected.neg_sum), inputs64)):
         close(actual, want, atol=1e-4)

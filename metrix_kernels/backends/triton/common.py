@@ -37,19 +37,24 @@ def zeros_like_free(x, dtype):
     return torch.zeros((), device=x.device, dtype=dtype).expand(x.shape)
 
 
-def add_chunk_products(block, r0, r1, rows, cols, grad_rows, grad_cols, same):
-    """Fold one chunk of derivatives block = dLoss/d<row, col> (rows r0:r1 x all cols) into the
-    gradients: grad_rows[r0:r1] gets block @ cols, grad_cols block^T @ rows[r0:r1]. The first chunk
-    writes grad_cols and later ones add to it; each chunk writes its rows' share (adds it, when the rows
+def add_chunk_products(block, r0, r1, rows, cols, grad_rows, grad_cols, same, row_ids=None, accumulate=False):
+    """Fold one chunk of derivatives block = dLoss/d<row, col> (rows at positions r0:r1 x all cols, in
+    cols' row order) into the gradients: grad_rows gets block @ cols at those rows, grad_cols
+    block^T @ those rows. The positions are rows row_ids[r0:r1] where row_ids is given (a permutation;
+    only where the rows are the columns), else r0:r1. The first chunk (r0 = 0) writes grad_cols unless
+    accumulating, and later ones add to it; each chunk writes its rows' share (adds it, when the rows
     are the columns and grad_rows is grad_cols): no zero-filled buffers."""
-    if r0 == 0:
-        torch.mm(block.T, rows[r0:r1], out=grad_cols)
+    chunk = rows[r0:r1] if row_ids is None else rows[row_ids[r0:r1]]
+    if r0 == 0 and not accumulate:
+        torch.mm(block.T, chunk, out=grad_cols)
     else:
-        grad_cols.addmm_(block.T, rows[r0:r1])
-    if same:
+        grad_cols.addmm_(block.T, chunk)
+    if not same:
+        torch.mm(block, cols, out=grad_rows[r0:r1])
+    elif row_ids is None:
         grad_rows[r0:r1].addmm_(block, cols)
     else:
-        torch.mm(block, cols, out=grad_rows[r0:r1])
+        grad_rows.index_add_(0, row_ids[r0:r1], block @ cols)
 
 
 def chunk_rows(d: int, tile: int) -> int:
@@ -87,31 +92,37 @@ def k_block(d: int, dtype) -> int:
 
 
 @triton.jit
-def similarity(a_ptr, offs_a, n_a, b_ptr, offs_b, n_b, D, BA: tl.constexpr, BB: tl.constexpr,
-               BK: tl.constexpr, PRECISION: tl.constexpr):
-    """s [BA, BB] = rows offs_a of a @ rows offs_b of b ^T, walking the width D in BK chunks (float32
-    accumulation), so no operand is ever wider than BK columns."""
+def similarity(a_ptr, ids_a, in_a, b_ptr, ids_b, in_b, D, BA: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """s [BA, BB] = rows ids_a of a @ rows ids_b of b ^T (zero where in_a / in_b are false), walking the
+    width D in BK chunks (float32 accumulation), so no operand is ever wider than BK columns."""
     s = tl.zeros([BA, BB], dtype=tl.float32)
-    in_a = (offs_a < n_a)[:, None]
-    in_b = (offs_b < n_b)[:, None]
     for k0 in range(0, D, BK):
         offs_k = k0 + tl.arange(0, BK)
         in_k = (offs_k < D)[None, :]
-        x = tl.load(a_ptr + offs_a[:, None] * D + offs_k[None, :], mask=in_a & in_k, other=0.0)
-        y = tl.load(b_ptr + offs_b[:, None] * D + offs_k[None, :], mask=in_b & in_k, other=0.0)
+        x = tl.load(a_ptr + ids_a[:, None] * D + offs_k[None, :], mask=in_a[:, None] & in_k, other=0.0)
+        y = tl.load(b_ptr + ids_b[:, None] * D + offs_k[None, :], mask=in_b[:, None] & in_k, other=0.0)
         s = tl.dot(x, tl.trans(y), s, input_precision=PRECISION)
     return s
 
 
 @triton.jit
-def norm_products(a_norm, offs_a, n_a, b_norm, offs_b, n_b):
-    """[BA, BB] max(|a|, 1e-12) max(|b|, 1e-12) of a tile's rows from their norms (1 outside the
-    bounds; NaN stays NaN, as in F.normalize): a product of raw rows over this is their unit rows'
-    similarity. Divided, not multiplied by a reciprocal: parallel rows in d = 1 then give s = +-1
-    exactly, as normalized rows do."""
-    na = tl.maximum(tl.load(a_norm + offs_a, mask=offs_a < n_a, other=1.0), 1e-12, propagate_nan=tl.PropagateNan.ALL)
-    nb = tl.maximum(tl.load(b_norm + offs_b, mask=offs_b < n_b, other=1.0), 1e-12, propagate_nan=tl.PropagateNan.ALL)
+def norm_products(a_norm, ids_a, in_a, b_norm, ids_b, in_b):
+    """[BA, BB] max(|a|, 1e-12) max(|b|, 1e-12) of rows ids_a and ids_b from their norms (1 where in_a /
+    in_b are false; NaN stays NaN, as in F.normalize)."""
+    na = tl.maximum(tl.load(a_norm + ids_a, mask=in_a, other=1.0), 1e-12, propagate_nan=tl.PropagateNan.ALL)
+    nb = tl.maximum(tl.load(b_norm + ids_b, mask=in_b, other=1.0), 1e-12, propagate_nan=tl.PropagateNan.ALL)
     return na[:, None] * nb[None, :]
+
+
+@triton.jit
+def unit_similarity(a_ptr, a_norm, ids_a, in_a, b_ptr, b_norm, ids_b, in_b, D, BA: tl.constexpr, BB: tl.constexpr,
+                    BK: tl.constexpr, PRECISION: tl.constexpr):
+    """(s, norms) [BA, BB]: the similarity of the unit rows ids_a of a and ids_b of b, from raw rows and
+    their norms, and the norms' products it divides by. Divided, not multiplied by a reciprocal:
+    parallel rows in d = 1 then give s = +-1 exactly, as normalized rows do."""
+    norms = norm_products(a_norm, ids_a, in_a, b_norm, ids_b, in_b)
+    return similarity(a_ptr, ids_a, in_a, b_ptr, ids_b, in_b, D, BA, BB, BK, PRECISION) / norms, norms
 
 
 @triton.jit

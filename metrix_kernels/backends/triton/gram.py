@@ -42,10 +42,10 @@ from .common import (
     sigma_codes,
     sigma_dx,
     sigma_x,
-    similarity,
     term_grad,
     term_update,
     term_value,
+    unit_similarity,
     zeros_like_free,
 )
 from .unit_rows import through_norms_
@@ -58,28 +58,44 @@ GRAM_WIDTHS = 4
 
 
 @triton.jit
-def _products(a_ptr, a_norm, b_ptr, b_norm, out, NA, B, D, BA: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """out [NA, B] = the unit rows' a @ b^T in float32, one [BA, BB] tile per program."""
-    offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
-    offs_b = tl.program_id(1) * BB + tl.arange(0, BB)
-    s = similarity(a_ptr, offs_a, NA, b_ptr, offs_b, B, D, BA, BB, BK, PRECISION) \
-        / norm_products(a_norm, offs_a, NA, b_norm, offs_b, B)
-    tl.store(out + offs_a[:, None] * B + offs_b[None, :], s, mask=(offs_a < NA)[:, None] & (offs_b < B)[None, :])
+def _ids(order, offs, inside, ORDER: tl.constexpr):
+    """The rows at positions offs: order[offs] if ORDER (the op reads the batch through a permutation
+    rather than a permuted copy), else offs."""
+    if ORDER:
+        ids = tl.load(order + offs, mask=inside, other=0)
+    else:
+        ids = offs
+    return ids
 
 
 @triton.jit
-def _sim(g, a_ptr, a_norm, offs_a, n_a, emb, e_norm, offs_b, B, D, BA: tl.constexpr, BB: tl.constexpr,
-         BK: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr):
-    """[BA, BB] similarities of the unit rows offs_a of a_ptr (n_a of them, norms a_norm) to those offs_b
-    of emb: loaded from the Gram matrix g [., B] if GRAM, else computed (zero outside the bounds
-    either way)."""
+def _products(a_ptr, a_norm, b_ptr, b_norm, order, out, NA, B, D, BA: tl.constexpr, BB: tl.constexpr,
+              BK: tl.constexpr, PRECISION: tl.constexpr, A_ORDER: tl.constexpr, B_ORDER: tl.constexpr):
+    """out [NA, B] = the unit rows' a @ b^T by positions, in float32, one [BA, BB] tile per program."""
+    offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
+    offs_b = tl.program_id(1) * BB + tl.arange(0, BB)
+    in_a = offs_a < NA
+    in_b = offs_b < B
+    s, _ = unit_similarity(a_ptr, a_norm, _ids(order, offs_a, in_a, A_ORDER), in_a, b_ptr, b_norm,
+                           _ids(order, offs_b, in_b, B_ORDER), in_b, D, BA, BB, BK, PRECISION)
+    tl.store(out + offs_a[:, None] * B + offs_b[None, :], s, mask=in_a[:, None] & in_b[None, :])
+
+
+@triton.jit
+def _sim(g, a_ptr, a_norm, order, offs_a, n_a, b_ptr, b_norm, offs_b, n_b, D, BA: tl.constexpr, BB: tl.constexpr,
+         BK: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr, A_ORDER: tl.constexpr,
+         B_ORDER: tl.constexpr):
+    """[BA, BB] similarities of the unit rows at positions offs_a of a_ptr (n_a of them, norms a_norm)
+    to those at offs_b of b_ptr: loaded from the Gram matrix g [., n_b] if GRAM, else computed (zero
+    outside the bounds either way)."""
+    in_a = offs_a < n_a
+    in_b = offs_b < n_b
     if GRAM:
-        mask = (offs_a < n_a)[:, None] & (offs_b < B)[None, :]
-        s = tl.load(g + offs_a[:, None].to(tl.int64) * B + offs_b[None, :], mask=mask, other=0.0)
+        s = tl.load(g + offs_a[:, None].to(tl.int64) * n_b + offs_b[None, :], mask=in_a[:, None] & in_b[None, :],
+                    other=0.0)
     else:
-        s = similarity(a_ptr, offs_a, n_a, emb, offs_b, B, D, BA, BB, BK, PRECISION) \
-            / norm_products(a_norm, offs_a, n_a, e_norm, offs_b, B)
+        s, _ = unit_similarity(a_ptr, a_norm, _ids(order, offs_a, in_a, A_ORDER), in_a, b_ptr, b_norm,
+                               _ids(order, offs_b, in_b, B_ORDER), in_b, D, BA, BB, BK, PRECISION)
     return s
 
 
@@ -143,22 +159,26 @@ def _mixed_grad(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i, in
 
 
 @triton.jit
-def _j_tile(anchors, emb, labels, g_ae, g_ee, a_norm, e_norm, offs_a, n_a, offs_i, j0, B, D, BA: tl.constexpr,
-            BE: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr):
+def _j_tile(anchors, emb, labels, g_ae, g_ee, a_norm, e_norm, order, offs_a, n_a, offs_i, j0, B, D, BA: tl.constexpr,
+            BE: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr, A_ORDER: tl.constexpr,
+            E_ORDER: tl.constexpr):
     """A tile of second members j0..: (positions, in range, labels, <a, e_j> [BA, BE], <e_i, e_j> [BE, BE])."""
     offs_j = j0 + tl.arange(0, BE)
     in_j = offs_j < B
     lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-    s_aj = _sim(g_ae, anchors, a_norm, offs_a, n_a, emb, e_norm, offs_j, B, D, BA, BE, BK, PRECISION, GRAM)
-    s_ij = _sim(g_ee, emb, e_norm, offs_i, B, emb, e_norm, offs_j, B, D, BE, BE, BK, PRECISION, GRAM)
+    s_aj = _sim(g_ae, anchors, a_norm, order, offs_a, n_a, emb, e_norm, offs_j, B, D, BA, BE, BK, PRECISION, GRAM,
+                A_ORDER, E_ORDER)
+    s_ij = _sim(g_ee, emb, e_norm, order, offs_i, B, emb, e_norm, offs_j, B, D, BE, BE, BK, PRECISION, GRAM, E_ORDER,
+                E_ORDER)
     return offs_j, in_j, lj, s_aj, s_ij
 
 
 @triton.jit(do_not_specialize=["NA", "B"])
-def _forward(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm, stats, NA, B, D, lam,
+def _forward(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm, order, stats, NA, B, D, lam,
              label_lam, p_scale, p_shift, n_scale, n_shift,
              P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
              MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
+             A_ORDER: tl.constexpr, E_ORDER: tl.constexpr,
              BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
     offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
     in_a = offs_a < NA
@@ -173,11 +193,14 @@ def _forward(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_nor
         in_i = offs_i < B
         li = tl.load(labels + offs_i, mask=in_i, other=-2)
         if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-            s_ai = _sim(g_ae, anchors, a_norm, offs_a, NA, emb, e_norm, offs_i, B, D, BA, BE, BK, PRECISION, GRAM)
+            s_ai = _sim(g_ae, anchors, a_norm, order, offs_a, NA, emb, e_norm, offs_i, B, D, BA, BE, BK, PRECISION,
+                        GRAM, A_ORDER, E_ORDER)
             j_lo = i0 if (MEMBER == 4 or MEMBER == 5) else 0
             for j0 in range(j_lo, B, BE):
-                offs_j, in_j, lj, s_aj, s_ij = _j_tile(anchors, emb, labels, g_ae, g_ee, a_norm, e_norm, offs_a, NA,
-                                                       offs_i, j0, B, D, BA, BE, BK, PRECISION, GRAM)
+                offs_j, in_j, lj, s_aj, s_ij = _j_tile(anchors, emb, labels, g_ae, g_ee, a_norm, e_norm, order,
+                                                       offs_a, NA,
+                                                       offs_i, j0, B, D, BA, BE, BK, PRECISION, GRAM, A_ORDER,
+                                                       E_ORDER)
                 s, n, root, w_pos, w_neg = _mixed(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i,
                                                   in_j, lam, label_lam, MEMBER, NEGATIVE)
                 p_m, p_t, p_mass, p_nnz = term_update(p_m, p_t, p_mass, p_nnz, sigma_x(s, p_scale, p_shift, P_OF),
@@ -205,11 +228,12 @@ def _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA):
 
 
 @triton.jit(do_not_specialize=["NA", "B", "a0", "a1"])
-def _grad_p(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm, stats, g_pos, g_neg,
+def _grad_p(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm, order, stats, g_pos, g_neg,
             i_ranges, dp_out, a0, a1, NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
             P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
             MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
-            RANGES: tl.constexpr, BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+            A_ORDER: tl.constexpr, E_ORDER: tl.constexpr, RANGES: tl.constexpr, BA: tl.constexpr, BE: tl.constexpr,
+            BK: tl.constexpr):
     """dLoss/d<a, e_t> for anchors a0..a1 x embeddings t, one [BA, BE] tile per program, into dp_out:
     t as the first member of pairs (t, j), weight lam, and as the second of pairs (i, t), 1 - lam,
     with i walked over the anchor tile's range in i_ranges [2, anchor tiles] if RANGES."""
@@ -221,12 +245,14 @@ def _grad_p(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm
     in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg, offs_a, NA)
     in_a = in_a & (offs_a < a1)
     acc = tl.zeros([BA, BE], dtype=tl.float32)
-    s_at = _sim(g_ae, anchors, a_norm, offs_a, a1, emb, e_norm, offs_t, B, D, BA, BE, BK, PRECISION, GRAM)
+    s_at = _sim(g_ae, anchors, a_norm, order, offs_a, a1, emb, e_norm, offs_t, B, D, BA, BE, BK, PRECISION, GRAM,
+                A_ORDER, E_ORDER)
     if _live(z, idx, lt, offs_t, in_a, in_t, MEMBER):
         j_lo = t0 if (MEMBER == 4 or MEMBER == 5) else 0
         for j0 in range(j_lo, B, BE):
-            offs_j, in_j, lj, s_aj, s_tj = _j_tile(anchors, emb, labels, g_ae, g_ee, a_norm, e_norm, offs_a, a1,
-                                                   offs_t, j0, B, D, BA, BE, BK, PRECISION, GRAM)
+            offs_j, in_j, lj, s_aj, s_tj = _j_tile(anchors, emb, labels, g_ae, g_ee, a_norm, e_norm, order, offs_a, a1,
+                                                   offs_t, j0, B, D, BA, BE, BK, PRECISION, GRAM, A_ORDER,
+                                                   E_ORDER)
             over_n, d_ij = _mixed_grad(s_at, s_aj, s_tj, z, idx, lt, lj, offs_t, offs_j, in_a, in_t, in_j,
                                        lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                        P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
@@ -244,22 +270,27 @@ def _grad_p(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm
         in_i = offs_i < B
         li = tl.load(labels + offs_i, mask=in_i, other=-2)
         if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-            s_ai = _sim(g_ae, anchors, a_norm, offs_a, a1, emb, e_norm, offs_i, B, D, BA, BE, BK, PRECISION, GRAM)
-            s_it = _sim(g_ee, emb, e_norm, offs_i, B, emb, e_norm, offs_t, B, D, BE, BE, BK, PRECISION, GRAM)
+            s_ai = _sim(g_ae, anchors, a_norm, order, offs_a, a1, emb, e_norm, offs_i, B, D, BA, BE, BK, PRECISION,
+                        GRAM, A_ORDER, E_ORDER)
+            s_it = _sim(g_ee, emb, e_norm, order, offs_i, B, emb, e_norm, offs_t, B, D, BE, BE, BK, PRECISION, GRAM,
+                        E_ORDER, E_ORDER)
             over_n, d_ij = _mixed_grad(s_ai, s_at, s_it, z, idx, li, lt, offs_i, offs_t, in_a, in_i, in_t,
                                        lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                        P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
             acc += (1.0 - lam) * tl.sum(over_n, axis=1)
-    acc = acc / norm_products(a_norm, offs_a, NA, e_norm, offs_t, B)  # dLoss/d<raw a, raw e_t>
-    tl.store(dp_out + (offs_a - a0)[:, None] * B + offs_t[None, :], acc, mask=in_a[:, None] & in_t[None, :])
+    # dLoss/d<raw a, raw e_t>, in the column of e_t's row
+    ids_t = _ids(order, offs_t, in_t, E_ORDER)
+    acc = acc / norm_products(a_norm, _ids(order, offs_a, in_a, A_ORDER), in_a, e_norm, ids_t, in_t)
+    tl.store(dp_out + (offs_a - a0)[:, None] * B + ids_t[None, :], acc, mask=in_a[:, None] & in_t[None, :])
 
 
 @triton.jit(do_not_specialize=["NA", "B", "i0", "i1"])
-def _grad_g(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm, stats, g_pos, g_neg,
+def _grad_g(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm, order, stats, g_pos, g_neg,
             anchor_ranges, dg_out, i0, i1, NA, B, D, lam, label_lam, p_scale, p_shift, n_scale, n_shift,
             P_FORM: tl.constexpr, P_OF: tl.constexpr, N_FORM: tl.constexpr, N_OF: tl.constexpr,
             MEMBER: tl.constexpr, NEGATIVE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
-            RANGES: tl.constexpr, BA: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+            A_ORDER: tl.constexpr, E_ORDER: tl.constexpr, RANGES: tl.constexpr, BA: tl.constexpr, BE: tl.constexpr,
+            BK: tl.constexpr):
     """dLoss/d<e_i, e_j> for i in i0..i1 x all j, one [BE, BE] tile per program, into dg_out; the anchors
     walked are those of the i tile's range in anchor_ranges [2, i tiles] if RANGES, else all."""
     tile = i0 // BE + tl.program_id(0)
@@ -272,7 +303,8 @@ def _grad_g(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm
     if (MEMBER != 4 and MEMBER != 5) | (j0 + BE > tile * BE):  # unordered pairs need i < j
         li = tl.load(labels + offs_i, mask=in_i, other=-2)
         lj = tl.load(labels + offs_j, mask=in_j, other=-2)
-        s_ij = _sim(g_ee, emb, e_norm, offs_i, B, emb, e_norm, offs_j, B, D, BE, BE, BK, PRECISION, GRAM)
+        s_ij = _sim(g_ee, emb, e_norm, order, offs_i, B, emb, e_norm, offs_j, B, D, BE, BE, BK, PRECISION, GRAM,
+                    E_ORDER, E_ORDER)
         a_lo = 0
         a_hi = NA
         if RANGES:
@@ -283,16 +315,18 @@ def _grad_g(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm
             in_a, z, idx, p_val, n_val, gp, gn = _anchor_state(anchor_label, anchor_index, stats, g_pos, g_neg,
                                                                offs_a, NA)
             if _live(z, idx, li, offs_i, in_a, in_i, MEMBER):
-                s_ai = _sim(g_ae, anchors, a_norm, offs_a, NA, emb, e_norm, offs_i, B, D, BA, BE, BK, PRECISION,
-                            GRAM)
-                s_aj = _sim(g_ae, anchors, a_norm, offs_a, NA, emb, e_norm, offs_j, B, D, BA, BE, BK, PRECISION,
-                            GRAM)
+                s_ai = _sim(g_ae, anchors, a_norm, order, offs_a, NA, emb, e_norm, offs_i, B, D, BA, BE, BK,
+                            PRECISION, GRAM, A_ORDER, E_ORDER)
+                s_aj = _sim(g_ae, anchors, a_norm, order, offs_a, NA, emb, e_norm, offs_j, B, D, BA, BE, BK,
+                            PRECISION, GRAM, A_ORDER, E_ORDER)
                 over_n, d_ij = _mixed_grad(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i, in_j,
                                            lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                            P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
                 acc += lam * (1.0 - lam) * tl.sum(d_ij, axis=0)
-    acc = acc / norm_products(e_norm, offs_i, B, e_norm, offs_j, B)  # dLoss/d<raw e_i, raw e_j>
-    tl.store(dg_out + (offs_i - i0)[:, None] * B + offs_j[None, :], acc, mask=in_i[:, None] & in_j[None, :])
+    # dLoss/d<raw e_i, raw e_j>, in the column of e_j's row
+    ids_j = _ids(order, offs_j, in_j, E_ORDER)
+    acc = acc / norm_products(e_norm, _ids(order, offs_i, in_i, E_ORDER), in_i, e_norm, ids_j, in_j)
+    tl.store(dg_out + (offs_i - i0)[:, None] * B + ids_j[None, :], acc, mask=in_i[:, None] & in_j[None, :])
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
@@ -303,20 +337,21 @@ def _blocks(d: int) -> tuple[int, int, int]:
     return 16, 16, min(padded_dim(d), 128)
 
 
-def _products_of(a, a_norm, b, b_norm, precision):
-    """The unit rows' a @ b^T [rows of a, rows of b] in float32, by the kernels' own similarity products."""
+def _products_of(a, a_norm, b, b_norm, order, a_order, b_order, precision):
+    """The unit rows' a @ b^T [positions of a, positions of b] in float32, by the kernels' own similarity
+    products; a side's positions are rows of order where its flag says so."""
     out = torch.empty(a.shape[0], b.shape[0], device=a.device, dtype=torch.float32)
     tile = 16 if INTERPRET else 32
     _products[(triton.cdiv(a.shape[0], tile), triton.cdiv(b.shape[0], tile))](
-        a, a_norm, b, b_norm, out, a.shape[0], b.shape[0], a.shape[1], BA=tile, BB=tile, BK=_blocks(a.shape[1])[2],
-        PRECISION=precision, num_warps=4)
+        a, a_norm, b, b_norm, order, out, a.shape[0], b.shape[0], a.shape[1], BA=tile, BB=tile,
+        BK=_blocks(a.shape[1])[2], PRECISION=precision, A_ORDER=a_order, B_ORDER=b_order, num_warps=4)
     return out
 
 
-def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, norms, same):
+def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, norms, order, same):
     """(tensors, scalars, constants) of the kernels; the tensors end with the Gram matrices (anchors x
     embeddings, embeddings x embeddings; one when the anchors are the embeddings) where GRAM_WIDTHS
-    allows them, else with placeholders, and the norms (anchors', embeddings')."""
+    allows them, else with placeholders, the norms (anchors', embeddings') and the order."""
     if cfg.member not in (MEMBER_POS_NEG, MEMBER_ANC_NEG, MEMBER_POS_POS, MEMBER_NEG_NEG):
         raise ValueError(f"gram_mixed needs a pair-set membership rule, got {cfg.member}")
     p = sigma_codes(cfg.sigma_pos)
@@ -324,26 +359,31 @@ def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, nor
     scalars = (float(lam), label_factor(lam, cfg.label_mode), p[2], p[3], n[2], n[3])
     precision = dot_precision(anchors.dtype)
     gram = 0 < emb.shape[0] <= GRAM_WIDTHS * emb.shape[1]
+    e_order = order is not None
+    a_order = same and e_order
     consts = dict(P_FORM=p[0], P_OF=p[1], N_FORM=n[0], N_OF=n[1], MEMBER=cfg.member,
-                  NEGATIVE=cfg.label_mode == LABEL_NEGATIVE, PRECISION=precision, GRAM=gram)
+                  NEGATIVE=cfg.label_mode == LABEL_NEGATIVE, PRECISION=precision, GRAM=gram, A_ORDER=a_order,
+                  E_ORDER=e_order)
     a_norm, e_norm = norms
+    order = order if e_order else labels  # a dummy pointer when unused
     if gram:
-        g_ee = _products_of(emb, e_norm, emb, e_norm, precision)
-        g_ae = g_ee if same else _products_of(anchors, a_norm, emb, e_norm, precision)
+        g_ee = _products_of(emb, e_norm, emb, e_norm, order, e_order, e_order, precision)
+        g_ae = g_ee if same else _products_of(anchors, a_norm, emb, e_norm, order, a_order, e_order, precision)
     else:
         g_ae = g_ee = emb
-    return (anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm), scalars, consts
+    return (anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm, order), scalars, consts
 
 
 
-def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, *, norms):
+def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, *, norms, order=None):
     same = anchors is emb
     anchors, emb = interpretable(anchors), interpretable(emb)
     na, d = anchors.shape
     stats = torch.empty(6, na, device=anchors.device, dtype=torch.float32)
     if na == 0:
         return stats
-    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, norms, same)
+    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, norms, order,
+                                            same)
     ba, be, bk = _blocks(d)
     _forward[(triton.cdiv(na, ba),)](*tensors, stats, na, emb.shape[0], d, *scalars, **consts, BA=ba, BE=be, BK=bk,
                                      num_warps=4)
@@ -368,7 +408,7 @@ def _tile_ranges(tile_keys, keys, size):
 
 
 def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, stats, grad_pos_sum,
-                        grad_neg_sum, *, norms):
+                        grad_neg_sum, *, norms, order=None):
     """Two kernels write, by chunks of rows, dLoss/d<a, e_t> (anchors x embeddings) and
     dLoss/d<e_i, e_j> (embeddings x embeddings) over the rows' norms; matrix products (cuBLAS) turn each
     chunk into its share of the gradients with the norms held fixed, and a last pass takes each
@@ -382,7 +422,8 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
         return torch.zeros_like(anchors, dtype=dtype), torch.zeros_like(emb, dtype=dtype)
     grad_emb = torch.empty(b, d, device=anchors.device, dtype=torch.float32)
     grad_anchors = grad_emb if same else torch.empty(na, d, device=anchors.device, dtype=torch.float32)
-    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, norms, same)
+    tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, norms, order,
+                                            same)
     ba, be, bk = _blocks(d)
     grads = (stats, grad_pos_sum.contiguous(), grad_neg_sum.contiguous())
     a32, e32 = anchors.float(), emb.float()
@@ -401,15 +442,15 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
         _grad_p[(triton.cdiv(a1 - a0, ba), triton.cdiv(b, be))](
             *tensors, *grads, i_ranges, block, a0, a1, na, b, d, *scalars, **consts, RANGES=use_ranges, BA=ba,
             BE=be, BK=bk, num_warps=4)
-        add_chunk_products(block[: a1 - a0], a0, a1, a32, e32, grad_anchors, grad_emb, same)
+        add_chunk_products(block[: a1 - a0], a0, a1, a32, e32, grad_anchors, grad_emb, same,
+                           row_ids=order if same else None)
     for i0 in range(0, b, chunk):
         i1 = min(i0 + chunk, b)
         _grad_g[(triton.cdiv(i1 - i0, be), triton.cdiv(b, be))](
             *tensors, *grads, anchor_ranges, block, i0, i1, na, b, d, *scalars, **consts, RANGES=use_ranges, BA=ba, BE=be,
             BK=bk, num_warps=4)
-        dg = block[: i1 - i0]
-        grad_emb[i0:i1].addmm_(dg, e32)
-        grad_emb.addmm_(dg.T, e32[i0:i1])
+        add_chunk_products(block[: i1 - i0], i0, i1, e32, e32, grad_emb, grad_emb, True, row_ids=order,
+                           accumulate=True)
     del block
     through_norms_(grad_emb, emb, norms[1])
     if same:

@@ -28,15 +28,14 @@ from .common import (
     interpretable,
     k_block,
     label_factor,
-    norm_products,
     pair_weights,
     sigma_codes,
     sigma_dx,
     sigma_x,
-    similarity,
     term_grad,
     term_update,
     term_value,
+    unit_similarity,
     zeros_like_free,
 )
 from .unit_rows import through_norms_
@@ -80,8 +79,8 @@ def _forward(rows, r_li, r_lj, r_ix, cols, c_li, c_lj, c_ix, mask_ptr, r_norm, c
     n_m, n_t, n_mass, n_nnz = zero - float("inf"), zero, zero, zero
     for v0 in range(0, V, BV):
         offs_v = v0 + tl.arange(0, BV)
-        s = similarity(rows, offs_r, R, cols, offs_v, V, D, BR, BV, BK, PRECISION) \
-            / norm_products(r_norm, offs_r, R, c_norm, offs_v, V)
+        s, _ = unit_similarity(rows, r_norm, offs_r, offs_r < R, cols, c_norm, offs_v, offs_v < V, D, BR, BV, BK,
+                               PRECISION)
         w_pos, w_neg = _weights(r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, offs_r, offs_v, R, V, label_lam,
                                 MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK)
         p_m, p_t, p_mass, p_nnz = term_update(p_m, p_t, p_mass, p_nnz, sigma_x(s, p_scale, p_shift, P_OF),
@@ -107,8 +106,7 @@ def _grad_tile(rows, cols, D, offs_r, offs_v, r_li, r_lj, r_ix, c_li, c_lj, c_ix
     """dLoss/d<row, col> of a [BR, BV] tile of raw rows, norms held fixed (dLoss/ds / (|row| |col|)),
     recomputed from the rows' saved term sums."""
     in_r = offs_r < R
-    norms = norm_products(r_norm, offs_r, R, c_norm, offs_v, V)
-    s = similarity(rows, offs_r, R, cols, offs_v, V, D, BR, BV, BK, PRECISION) / norms
+    s, norms = unit_similarity(rows, r_norm, offs_r, in_r, cols, c_norm, offs_v, offs_v < V, D, BR, BV, BK, PRECISION)
     w_pos, w_neg = _weights(r_li, r_lj, r_ix, c_li, c_lj, c_ix, mask_ptr, offs_r, offs_v, R, V, label_lam,
                             MEMBER, NEGATIVE, MIXED_ROWS, HAS_MASK)
     p_val = tl.load(stats + offs_r, mask=in_r, other=0.0)[:, None]
