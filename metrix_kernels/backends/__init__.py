@@ -5,9 +5,10 @@ through the functions below. A backend never imports the api. The pair ops (pair
 compare the L2-normalized rows x / max(|x|, 1e-12) of their contiguous inputs. A backend named in
 UNIT_ROWS_BACKENDS takes the rows raw with their norms |x| (float32 [N] each, unclamped: the keyword
 norms = (first side's, second side's)) and normalizes them itself, without writing them normalized;
-it returns gradients with respect to the raw rows (through the normalization). Every other backend
-gets rows the ops layer has normalized, and returns gradients with respect to those. Statistics
-are float32 (float64 for float64 inputs).
+it returns gradients with respect to the raw rows (through the normalization). Its Gram functions
+also take the keyword order (below), and it has the clean_and_gram functions. Every other backend
+gets rows the ops layer has normalized (and permuted), and returns gradients with respect to those.
+Statistics are float32 (float64 for float64 inputs).
 
 Per-row statistics (``family.TermStats``), returned as one tensor ``stats`` [6, R]:
     0 pos_sum   sum_v w_pos * sigma_pos(x)    (log of it where sigma_pos.form == "exp"; -inf if empty)
@@ -40,8 +41,17 @@ Functions (R rows reduced over V columns):
         (ordered i != j for pos-neg / anc-neg, i < j for pos-pos / neg-neg), with
         s(a, ij) = (lam <a, e_i> + (1 - lam) <a, e_j>) / n_ij,
         n_ij = max(sqrt(lam^2 + (1 - lam)^2 + 2 lam (1 - lam) <e_i, e_j>), 1e-12).
+        UNIT_ROWS_BACKENDS: with order (int64 [B], a permutation, or None), position p of emb (and of
+        the anchors, when anchors is emb) is row order[p]; the labels are by position.
     Where one tensor is both sides (rows is cols, anchors is emb), a backend may return the sum of the
     two gradients in one of them and zeros in the other: autograd only ever sees their sum.
+    UNIT_ROWS_BACKENDS only, the error function's two pair ops over one batch in one node:
+    clean_and_gram_forward(emb, labels, sorted_labels, lam, clean_cfg, mixed_cfg, *, norm, order)
+        -> (clean stats, mixed stats): pairwise_forward(emb x emb, labels, index = position) with
+        clean_cfg and gram_mixed_forward(emb, emb, sorted_labels, anchor_index = position, order)
+    clean_and_gram_backward(<the same inputs but the keywords>, clean_stats, mixed_stats, clean_grad_pos,
+                            clean_grad_neg, mixed_grad_pos, mixed_grad_neg, *, norm, order) -> grad_emb
+        the sum of the two ops' gradients, written into one buffer
     mixpool_forward(features [B, C, H, W], i [M], j [M], lam) -> (pooled [M, C], argmax [M, C])
     mixpool_backward(grad_pooled [M, C], features, i, j, lam, argmax) -> grad_features [B, C, H, W]
         pooled = mean_hw(m) + max_hw(m) of m = lam * f_i + (1 - lam) * f_j, m never materialized;

@@ -1,6 +1,7 @@
 """The fused loss: reference.clean_loss / mixed_loss / error_function rebuilt from fused ops + family.assemble.
 
-Each op (pairwise, gram, mixpool) is a torch.library custom op with a fake implementation and an
+Each op (pairwise, gram, mixpool; clean_and_gram, the error function's two pair ops over one batch
+as one, where the backend has it) is a torch.library custom op with a fake implementation and an
 autograd formula, and runs on the backend module named by ``backend`` (backends contract).
 Nothing of size B x B or larger is allocated here, except the [M, d] mixed rows that proxy-candidate
 losses need under embedding mixup (``_mixed_rows``) and input mixup's explicit [B, M] member mask.
@@ -19,11 +20,13 @@ from ..backends import (
     MEMBER_POS_NEG,
     MEMBER_RULES,
     LABEL_CODES,
+    UNIT_ROWS_BACKENDS,
     KernelConfig,
 )
 from ..family import LossRow, Terms, TermStats, assemble
 from ..pairs import MixPlan
 from ._dispatch import backend_module, normalize
+from .clean_and_gram import clean_and_gram
 from .gram import gram_mixed
 from .mixpool import mixpool
 from .pairwise import pairwise
@@ -123,9 +126,14 @@ def error_function(
     """reference.error_function on a fused backend: clean_loss + weight * mixed_loss, the two assembled
     together."""
     e, e_labels, order = _batch(row, embeddings, labels, plan, mixup, backend)
-    clean = _clean_stats(row, terms, e, labels, proxies, backend)
-    mixed = _mixed_stats(row, terms, e, e_labels, order, labels, proxies, plan, mixup, features, head, inputs, model,
-                         backend)
+    if backend in UNIT_ROWS_BACKENDS and row.anchors != "proxies" and _by_gram(row, plan, mixup):
+        # the batch against itself, clean and mixed: one op, one [B, d] gradient
+        clean, mixed = clean_and_gram(e, labels, e_labels, order, plan.lam, _config(row, terms, MEMBER_ALL_BUT_SELF),
+                                      _config(row, terms, MEMBER_RULES[plan.pair_set], plan), backend)
+    else:
+        clean = _clean_stats(row, terms, e, labels, proxies, backend)
+        mixed = _mixed_stats(row, terms, e, e_labels, order, labels, proxies, plan, mixup, features, head, inputs,
+                             model, backend)
     return _assemble(row, terms, embeddings.dtype, backend, clean, mixed, weight)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..backends import KernelConfig
-from ._dispatch import backend_module, flatten, fused_op, none_if_free_zeros, unit_kwargs, pair_inputs, unflatten
+from ._dispatch import backend_module, flatten, fused_op, none_if_free_zeros, pair_inputs, unflatten, unit_kwargs
 
 
 def _forward(

@@ -62,6 +62,10 @@ def test_fakes_match_kernels(device, backend):
                            backend))
     torch.library.opcheck(torch.ops.metrix.gram_mixed.default,
                           (rows, labels, index, rows, labels, norm, norm, None, 0.3, *mixed, backend))
+    if backend == "triton":  # the backends that have it
+        order = torch.argsort(labels, stable=True)
+        torch.library.opcheck(torch.ops.metrix.clean_and_gram.default,
+                              (rows, labels, labels[order], norm, order, 0.3, *flat, *mixed, backend))
     for positions in ((2, 2), (16, 17)):  # the cpu backend's uint8 and int32 argmax
         features = torch.randn(7, 3, *positions, generator=gen).to(device).requires_grad_(True)
         torch.library.opcheck(torch.ops.metrix.mixpool.default, (features, i, j, 0.3, backend))

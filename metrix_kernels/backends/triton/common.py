@@ -49,9 +49,9 @@ def add_chunk_products(block, r0, r1, rows, cols, grad_rows, grad_cols, same, ro
         torch.mm(block.T, chunk, out=grad_cols)
     else:
         grad_cols.addmm_(block.T, chunk)
-    if not same:
+    if not same and not accumulate:
         torch.mm(block, cols, out=grad_rows[r0:r1])
-    elif row_ids is None:
+    elif row_ids is None:  # the rows are the columns, or accumulating
         grad_rows[r0:r1].addmm_(block, cols)
     else:
         grad_rows.index_add_(0, row_ids[r0:r1], block @ cols)

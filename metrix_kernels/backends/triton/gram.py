@@ -6,9 +6,10 @@ so a forward program holds an anchor tile, walks i tiles and, inside, j tiles: t
 (<a, e_i>, <a, e_j>, <e_i, e_j>, each accumulated over the width in chunks) combined elementwise into
 an [anchor, i, j] block, then folded into the per-anchor term statistics. No mixed embedding and no
 B x B^2 tensor exists. Anchors and embeddings come raw: every similarity tile is divided by the
-rows' norms, so their unit rows are never written either. While the batch is small next
-to the width (GRAM_WIDTHS), the similarity tiles are loaded from Gram matrices written first (one
-launch) instead of recomputed over the width.
+rows' norms, so their unit rows are never written either, and a class-sorted batch is read through
+the sort's permutation (order), not copied. While the batch is small next to the width
+(GRAM_WIDTHS), the similarity tiles are loaded from Gram matrices written first (one launch) instead
+of recomputed over the width.
 Membership lets whole (anchor tile, i tile) blocks be skipped: pos-neg / pos-pos need an i of the
 anchor's class, anc-neg needs i = a. Unordered pair sets (pos-pos, neg-neg) walk j >= i only.
 
@@ -16,10 +17,10 @@ Backward, with g = dLoss/ds(a, ij) recomputed from the saved per-anchor term sum
 on the embeddings only through P = <a, e_t> and G = <e_i, e_j>, so
     grad_a = dP @ E,   grad_E = dP^T @ A + dG @ E + dG^T @ E.
 Two kernels write dP and dG by chunks of about d / 2 rows (each chunk is then half the size of the
-embeddings); cuBLAS products fold each chunk into the gradients (taken through the normalization at
-the end, in place). One program per [16, 16] tile of dP
-sums over the pairs its embedding t is part of (as i: all j; as j: the anchor's i), one per tile of
-dG over the anchors that mix its i (a range per i tile, from the anchors' class grouping).
+embeddings), their columns at the rows' own places; cuBLAS products fold each chunk into the
+gradients, taken through the normalization at the end, in place. One program per [16, 16] tile of
+dP sums over the pairs its embedding t is part of (as i: all j; as j: the anchor's i), one per tile
+of dG over the anchors that mix its i (a range per i tile, from the anchors' class grouping).
 """
 from __future__ import annotations
 
@@ -409,19 +410,32 @@ def _tile_ranges(tile_keys, keys, size):
 
 def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, stats, grad_pos_sum,
                         grad_neg_sum, *, norms, order=None):
-    """Two kernels write, by chunks of rows, dLoss/d<a, e_t> (anchors x embeddings) and
-    dLoss/d<e_i, e_j> (embeddings x embeddings) over the rows' norms; matrix products (cuBLAS) turn each
-    chunk into its share of the gradients with the norms held fixed, and a last pass takes each
-    gradient through its rows' normalization, in place."""
+    """add_gram_grads into new buffers, then a last pass takes each gradient through its rows'
+    normalization, in place."""
     dtype = anchors.dtype
     same = anchors is emb  # one gradient buffer, the sum of both (backends contract)
+    if anchors.shape[0] == 0 or emb.shape[0] == 0:
+        return torch.zeros_like(anchors, dtype=dtype), torch.zeros_like(emb, dtype=dtype)
+    grad_emb = torch.empty(emb.shape, device=emb.device, dtype=torch.float32)
+    grad_anchors = grad_emb if same else torch.empty(anchors.shape, device=emb.device, dtype=torch.float32)
+    add_gram_grads(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, stats, grad_pos_sum, grad_neg_sum, norms,
+                   order, grad_anchors, grad_emb)
+    through_norms_(grad_emb, interpretable(emb), norms[1])
+    if same:
+        return grad_anchors.to(dtype), zeros_like_free(emb, dtype)
+    return through_norms_(grad_anchors, interpretable(anchors), norms[0]).to(dtype), grad_emb.to(dtype)
+
+
+def add_gram_grads(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, stats, grad_pos_sum, grad_neg_sum,
+                   norms, order, grad_anchors, grad_emb, accumulate=False):
+    """The gradients with the norms held fixed, written into the float32 grad_anchors and grad_emb (one
+    buffer when anchors is emb), or added to them if accumulate. Two kernels write, by chunks of rows,
+    dLoss/d<a, e_t> (anchors x embeddings) and dLoss/d<e_i, e_j> (embeddings x embeddings) over the
+    rows' norms; matrix products (cuBLAS) turn each chunk into its share of the gradients."""
+    same = anchors is emb
     anchors, emb = interpretable(anchors), interpretable(emb)
     na, d = anchors.shape
     b = emb.shape[0]
-    if na == 0 or b == 0:
-        return torch.zeros_like(anchors, dtype=dtype), torch.zeros_like(emb, dtype=dtype)
-    grad_emb = torch.empty(b, d, device=anchors.device, dtype=torch.float32)
-    grad_anchors = grad_emb if same else torch.empty(na, d, device=anchors.device, dtype=torch.float32)
     tensors, scalars, consts = _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, norms, order,
                                             same)
     ba, be, bk = _blocks(d)
@@ -443,7 +457,7 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
             *tensors, *grads, i_ranges, block, a0, a1, na, b, d, *scalars, **consts, RANGES=use_ranges, BA=ba,
             BE=be, BK=bk, num_warps=4)
         add_chunk_products(block[: a1 - a0], a0, a1, a32, e32, grad_anchors, grad_emb, same,
-                           row_ids=order if same else None)
+                           row_ids=order if same else None, accumulate=accumulate)
     for i0 in range(0, b, chunk):
         i1 = min(i0 + chunk, b)
         _grad_g[(triton.cdiv(i1 - i0, be), triton.cdiv(b, be))](
@@ -451,8 +465,3 @@ def gram_mixed_backward(anchors, anchor_label, anchor_index, emb, labels, lam, c
             BK=bk, num_warps=4)
         add_chunk_products(block[: i1 - i0], i0, i1, e32, e32, grad_emb, grad_emb, True, row_ids=order,
                            accumulate=True)
-    del block
-    through_norms_(grad_emb, emb, norms[1])
-    if same:
-        return grad_anchors.to(dtype), zeros_like_free(emb, dtype)
-    return through_norms_(grad_anchors, anchors, norms[0]).to(dtype), grad_emb.to(dtype)

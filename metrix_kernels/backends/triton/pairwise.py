@@ -1,10 +1,11 @@
 """Fused pairwise loss terms: rows [R, d] x cols [V, d] reduced to per-row statistics.
 
 Forward: one program per row tile walks the column tiles; each similarity tile s of the unit rows
-(accumulated over the width in chunks, common.similarity) is turned into pair weights (labels
+(accumulated over the width in chunks, common.unit_similarity) is turned into pair weights (labels
 compared in the kernel) and folded into running per-row term statistics (online log-sum-exp for
 exponential sigmas). Nothing of size R x V is stored.
-Rows and columns come raw: the kernels divide each similarity tile by the rows' norms (N floats), so the unit rows are never written and the op holds nothing of size [N, d] but its inputs.
+Rows and columns come raw: the kernels divide each similarity tile by the rows' norms (N floats),
+so the unit rows are never written and the op holds nothing of size [N, d] but its inputs.
 Backward, by chunks of about d / 2 rows: a kernel recomputes the chunk's similarity tiles and weights
 and writes dS = g_pos * dterm_pos/ds + g_neg * dterm_neg/ds from the saved term sums, over the norms;
 two matrix products (cuBLAS) then give the gradients, dS @ cols and dS^T @ rows, and one pass takes
@@ -172,19 +173,33 @@ def pairwise_forward(rows, row_label_i, row_label_j, row_index, cols, col_label_
 
 def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
                       lam, cfg, stats, grad_pos_sum, grad_neg_sum, member_mask=None, *, norms):
-    """Chunks of rows: a kernel recomputes the chunk's similarity tiles and writes dLoss/ds (over the
-    norms), then two matrix products (torch, i.e. cuBLAS) turn it into the gradients with the norms held
-    fixed: dS @ cols for the chunk's rows and dS^T @ rows added to the columns' gradient; a last pass
-    takes each gradient through its rows' normalization, in place."""
+    """add_pairwise_grads into new buffers, then a last pass takes each gradient through its rows'
+    normalization, in place."""
     dtype = rows.dtype
     same = rows is cols  # one gradient buffer, the sum of both (backends contract)
+    if rows.shape[0] == 0 or cols.shape[0] == 0:
+        return torch.zeros_like(rows, dtype=dtype), torch.zeros_like(cols, dtype=dtype)
+    grad_cols = torch.empty(cols.shape, device=rows.device, dtype=torch.float32)
+    grad_rows = grad_cols if same else torch.empty(rows.shape, device=rows.device, dtype=torch.float32)
+    add_pairwise_grads(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index, lam, cfg,
+                       stats, grad_pos_sum, grad_neg_sum, member_mask, norms, grad_rows, grad_cols)
+    through_norms_(grad_rows, interpretable(rows), norms[0])
+    if same:
+        return grad_rows.to(dtype), zeros_like_free(cols, dtype)
+    return grad_rows.to(dtype), through_norms_(grad_cols, interpretable(cols), norms[1]).to(dtype)
+
+
+def add_pairwise_grads(rows, row_label_i, row_label_j, row_index, cols, col_label_i, col_label_j, col_index,
+                       lam, cfg, stats, grad_pos_sum, grad_neg_sum, member_mask, norms, grad_rows, grad_cols,
+                       accumulate=False):
+    """The gradients with the norms held fixed, written into the float32 grad_rows and grad_cols (one
+    buffer when rows is cols), or added to them if accumulate. Chunks of rows: a kernel recomputes the
+    chunk's similarity tiles and writes dLoss/ds (over the norms), then two matrix products (torch, i.e.
+    cuBLAS) turn it into dS @ cols for the chunk's rows and dS^T @ rows added to the columns'."""
+    same = rows is cols
     rows, cols = interpretable(rows), interpretable(cols)
     r, d = rows.shape
     v = cols.shape[0]
-    if r == 0 or v == 0:
-        return torch.zeros_like(rows, dtype=dtype), torch.zeros_like(cols, dtype=dtype)
-    grad_cols = torch.empty(v, d, device=rows.device, dtype=torch.float32)
-    grad_rows = grad_cols if same else torch.empty(r, d, device=rows.device, dtype=torch.float32)
     tensors, scalars, consts = _launch_args(rows, row_label_i, row_label_j, row_index, cols, col_label_i,
                                             col_label_j, col_index, member_mask, lam, cfg, norms)
     br, bv, bk = _blocks(d, rows.dtype)
@@ -197,9 +212,4 @@ def pairwise_backward(rows, row_label_i, row_label_j, row_index, cols, col_label
         _grad_s[(triton.cdiv(r1 - r0, br), triton.cdiv(v, bv))](
             *tensors, stats, g_pos, g_neg, ds, r0, r1, r, v, d, *scalars, **consts, BR=br, BV=bv, BK=bk,
             num_warps=4)
-        add_chunk_products(ds[: r1 - r0], r0, r1, rows32, cols32, grad_rows, grad_cols, same)
-    del ds
-    through_norms_(grad_rows, rows, norms[0])
-    if same:
-        return grad_rows.to(dtype), zeros_like_free(cols, dtype)
-    return grad_rows.to(dtype), through_norms_(grad_cols, cols, norms[1]).to(dtype)
+        add_chunk_products(ds[: r1 - r0], r0, r1, rows32, cols32, grad_rows, grad_cols, same, accumulate=accumulate)
