@@ -164,6 +164,7 @@ def pair_inputs(backend: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Opt
 def unit_kwargs(first: Optional[Tensor], second: Optional[Tensor], order: Optional[Tensor] = None) -> dict:
     """The keywords the pair functions of UNIT_ROWS_BACKENDS take the norms (and the Gram op's order)
     by (backends contract); none for other backends, whose rows come normalized (and permuted)."""
-    if first is None:
-        return {}
-    return {"norms": (first, second)} if order is None else {"norms": (first, second), "order": order}
+    kwargs = {} if first is None else {"norms": (first, second)}
+    if order is not None:
+        kwargs["order"] = order
+    return kwargs

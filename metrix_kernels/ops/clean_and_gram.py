@@ -9,11 +9,7 @@ import torch
 from torch import Tensor
 
 from ..backends import KernelConfig
-from ._dispatch import backend_module, flatten, fused_op, pair_inputs, unflatten
-
-
-def _configs(clean: tuple, mixed: tuple) -> tuple[KernelConfig, KernelConfig]:
-    return unflatten(*clean), unflatten(*mixed)
+from ._dispatch import backend_module, flatten, fused_op, row_norms, unflatten
 
 
 def _forward(
@@ -21,8 +17,8 @@ def _forward(
     clean_codes: list[int], clean_scalars: list[float], clean_flags: list[int],
     mixed_codes: list[int], mixed_scalars: list[float], mixed_flags: list[int], backend: str,
 ) -> tuple[Tensor, Tensor]:
-    clean_cfg, mixed_cfg = _configs((clean_codes, clean_scalars, clean_flags),
-                                    (mixed_codes, mixed_scalars, mixed_flags))
+    clean_cfg = unflatten(clean_codes, clean_scalars, clean_flags)
+    mixed_cfg = unflatten(mixed_codes, mixed_scalars, mixed_flags)
     return backend_module(backend).clean_and_gram_forward(emb, labels, sorted_labels, lam, clean_cfg, mixed_cfg,
                                                           norm=norm, order=order)
 
@@ -39,8 +35,8 @@ def _backward_kernel(
     clean_stats: Tensor, mixed_stats: Tensor, clean_grad_pos: Tensor, clean_grad_neg: Tensor,
     mixed_grad_pos: Tensor, mixed_grad_neg: Tensor,
 ) -> Tensor:
-    clean_cfg, mixed_cfg = _configs((clean_codes, clean_scalars, clean_flags),
-                                    (mixed_codes, mixed_scalars, mixed_flags))
+    clean_cfg = unflatten(clean_codes, clean_scalars, clean_flags)
+    mixed_cfg = unflatten(mixed_codes, mixed_scalars, mixed_flags)
     return backend_module(backend).clean_and_gram_backward(
         emb, labels, sorted_labels, lam, clean_cfg, mixed_cfg, clean_stats, mixed_stats, clean_grad_pos,
         clean_grad_neg, mixed_grad_pos, mixed_grad_neg, norm=norm, order=order)
@@ -76,6 +72,6 @@ def clean_and_gram(emb: Tensor, labels: Tensor, sorted_labels: Tensor, order: Op
     """(pairwise(emb, emb) with clean_cfg, gram_mixed(emb, emb, order=order) with mixed_cfg): the clean
     statistics [6, B] of the L2-normalized batch against itself (labels, batch order) and the mixed
     ones of it against its mixes (sorted_labels, in order)."""
-    emb, _, norm, _ = pair_inputs(backend, emb, emb)
-    return _call(emb, labels, sorted_labels, norm, order, float(lam), *flatten(clean_cfg), *flatten(mixed_cfg),
-                 backend)
+    emb = emb.contiguous()
+    return _call(emb, labels, sorted_labels, row_norms(emb), order, float(lam), *flatten(clean_cfg),
+                 *flatten(mixed_cfg), backend)

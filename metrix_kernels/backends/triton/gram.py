@@ -199,9 +199,8 @@ def _forward(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_nor
             j_lo = i0 if (MEMBER == 4 or MEMBER == 5) else 0
             for j0 in range(j_lo, B, BE):
                 offs_j, in_j, lj, s_aj, s_ij = _j_tile(anchors, emb, labels, g_ae, g_ee, a_norm, e_norm, order,
-                                                       offs_a, NA,
-                                                       offs_i, j0, B, D, BA, BE, BK, PRECISION, GRAM, A_ORDER,
-                                                       E_ORDER)
+                                                       offs_a, NA, offs_i, j0, B, D, BA, BE, BK, PRECISION, GRAM,
+                                                       A_ORDER, E_ORDER)
                 s, n, root, w_pos, w_neg = _mixed(s_ai, s_aj, s_ij, z, idx, li, lj, offs_i, offs_j, in_a, in_i,
                                                   in_j, lam, label_lam, MEMBER, NEGATIVE)
                 p_m, p_t, p_mass, p_nnz = term_update(p_m, p_t, p_mass, p_nnz, sigma_x(s, p_scale, p_shift, P_OF),
@@ -252,8 +251,7 @@ def _grad_p(anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm
         j_lo = t0 if (MEMBER == 4 or MEMBER == 5) else 0
         for j0 in range(j_lo, B, BE):
             offs_j, in_j, lj, s_aj, s_tj = _j_tile(anchors, emb, labels, g_ae, g_ee, a_norm, e_norm, order, offs_a, a1,
-                                                   offs_t, j0, B, D, BA, BE, BK, PRECISION, GRAM, A_ORDER,
-                                                   E_ORDER)
+                                                   offs_t, j0, B, D, BA, BE, BK, PRECISION, GRAM, A_ORDER, E_ORDER)
             over_n, d_ij = _mixed_grad(s_at, s_aj, s_tj, z, idx, lt, lj, offs_t, offs_j, in_a, in_t, in_j,
                                        lam, label_lam, p_val, n_val, gp, gn, p_scale, p_shift, n_scale, n_shift,
                                        P_FORM, P_OF, N_FORM, N_OF, MEMBER, NEGATIVE)
@@ -373,7 +371,6 @@ def _launch_args(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, nor
     else:
         g_ae = g_ee = emb
     return (anchors, anchor_label, anchor_index, emb, labels, g_ae, g_ee, a_norm, e_norm, order), scalars, consts
-
 
 
 def gram_mixed_forward(anchors, anchor_label, anchor_index, emb, labels, lam, cfg, *, norms, order=None):
