@@ -123,6 +123,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     distributed = init_distributed(config.device)  # under torchrun: one process per device
     try:
         results = Trainer(config, resume=args.resume).fit()
+        if distributed:
+            # every rank done before any tears down: gloo aborts a rank whose peer closed the connection
+            # under it ("terminate called without an active exception")
+            dist.barrier()
     except FileNotFoundError as error:
         print(f"metrix-train: {error}", file=sys.stderr)
         return 2
