@@ -11,6 +11,7 @@ Text below a "## Reading" heading of an existing table file is kept when the tab
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -66,7 +67,8 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
 
 
-def table(args, results: dict, seconds: float) -> str:
+def table(args, results: dict, seconds: float, loads: tuple[float, float]) -> str:
+    """loads: the host's 1-minute load average when the grid started and now (other jobs skew step times)."""
     losses, methods = args.losses.split(","), args.methods.split(",")
     first_cell = next(iter(results.values()))
     first = first_cell[0]
@@ -76,7 +78,7 @@ def table(args, results: dict, seconds: float) -> str:
         "",
         f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads "
         f"({first['device']}), torch {torch.__version__}, Python {platform.python_version()}; "
-        f"the machine was shared with other jobs.",
+        f"load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end.",
         f"Command: `python python/reproduce.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}` "
         f"({seconds / 60:.1f} min for {sum(len(v) for v in results.values())} runs).",
         f"Setting: {cfg['backbone']} backbone, embedding {cfg['embedding_size']}, batch {cfg['batch_size']} "
@@ -112,8 +114,8 @@ def table(args, results: dict, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(args, results: dict, seconds: float) -> str:
-    text = table(args, results, seconds)
+def write(args, results: dict, seconds: float, start_load: float) -> str:
+    text = table(args, results, seconds, (start_load, os.getloadavg()[0]))
     path = Path(args.table)
     path.parent.mkdir(parents=True, exist_ok=True)
     reading = ""
@@ -126,14 +128,14 @@ def write(args, results: dict, seconds: float) -> str:
 def main() -> None:
     args = arguments()
     keep_freed_memory()  # as metrix-train runs
-    start = time.time()
+    start, start_load = time.time(), os.getloadavg()[0]
     results = {}
     for seed in args.seeds.split(","):  # seed-major: a cut-short grid still covers every cell
         for loss in args.losses.split(","):
             for method in args.methods.split(","):
                 results.setdefault((loss, method), []).append(run_one(args, loss, method, int(seed)))
-        write(args, results, time.time() - start)
-    print(write(args, results, time.time() - start))
+        write(args, results, time.time() - start, start_load)
+    print(write(args, results, time.time() - start, start_load))
 
 
 if __name__ == "__main__":
