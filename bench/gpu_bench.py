@@ -3,7 +3,8 @@
     python bench/gpu_bench.py --out RESULTS_DIR [--backends triton,cuda] [--device cpu --tiny]
 
 Rows: multi_similarity and contrastive, clean and Metrix embedding mixup over all pos-neg pairs,
-B = 128..8192, d = 512; proxy_anchor with 100 and 10,000 proxies; the largest batch that fits with
+B = 128..8192, d = 512; proxy_anchor with 100 and 10,000 proxies; proxy_nca with embedding mixup
+(its mixes are anchors, made a block at a time), 100 proxies; the largest batch that fits with
 all-pairs embedding mixup, fused vs reference; last, multi_similarity at B = 256 without the host's
 per-call cost: through torch.compile(mode="reduce-overhead"), and as one CUDA graph of the whole
 fwd+bwd (torch.cuda.graph around the eager call). Every column but PML's calls
@@ -284,6 +285,9 @@ def main():
             for b in PROXY_BATCHES:
                 for impl in impls:
                     attempt(impl, "proxy_anchor", mode, b, count)
+    for b in PROXY_BATCHES[:2]:
+        for impl in impls:
+            attempt(impl, "proxy_nca", "embedding", b, PROXY_COUNTS[0])
     write(fused, fits, limits)
     # last, as each case compiles for tens of seconds: the fixed per-call cost without Python and launches
     for mode in ("embedding", "clean"):

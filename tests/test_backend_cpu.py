@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from metrix_kernels import FAMILY, metrix_loss, reference
+from metrix_kernels import FAMILY, metrix_loss, ops, reference
 from metrix_kernels.backends import MEMBER_ALL_BUT_SELF, KernelConfig, MEMBER_RULES, cpu
 from metrix_kernels.family import resolve
 
@@ -367,6 +368,23 @@ def test_metrix_loss_embedding_mixup(loss, dtype, pairs, batch, dim, classes, la
     _e2e_close(got, want, dtype)
     for g, w in zip(got_grads, want_grads):
         _e2e_close(g, w, dtype)
+
+
+@built
+@pytest.mark.parametrize("loss", ["proxy_nca", "proxy_nca_pp"])
+@pytest.mark.parametrize("pairs", ["pos-neg", "neg-neg"])
+def test_embedding_mixes_against_proxies_by_blocks(loss, pairs):
+    """Proxy-candidate losses make their embedding mixes a block of rows at a time, remade in the
+    backward pass: blocks of B = 12 rows (8 blocks for pos-neg, 6 for neg-neg) give the reference's
+    loss and gradients."""
+    emb, labels, proxies = _e2e_inputs(loss, torch.float32, 12, 5, 3, seed=7)
+    kw = dict(loss=loss, mixup="embedding", pairs=pairs, lam=0.3, weight=0.7, **PARAMS[loss])
+    with mock.patch.object(ops, "MIX_BLOCK_ELEMENTS", 1):
+        got, got_grads = _loss_and_grads("cpu", emb, labels, proxies, **kw)
+    want, want_grads = _loss_and_grads("reference", emb, labels, proxies, **kw)
+    _e2e_close(got, want, torch.float32)
+    for g, w in zip(got_grads, want_grads):
+        _e2e_close(g, w, torch.float32)
 
 
 @built

@@ -3,8 +3,10 @@
 Each op (pairwise, gram, mixpool; clean_and_gram, the error function's two pair ops over one batch
 as one, where the backend has it) is a torch.library custom op with a fake implementation and an
 autograd formula, and runs on the backend module named by ``backend`` (backends contract).
-Nothing of size B x B or larger is allocated here, except the [M, d] mixed rows that proxy-candidate
-losses need under embedding mixup (``_mixed_rows``) and input mixup's explicit [B, M] member mask.
+Nothing of size B x B or larger is allocated here, except input mixup's explicit [B, M] member mask
+and the [M, d] mixes of embedding mixup under an explicit member mask (``_mixed_rows``) or, for
+proxy-candidate losses, under torch.compile (``_mixes_by_blocks``). Feature and input mixup's
+[M, d] mixed embeddings are the model's own outputs.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from ..backends import (
     MEMBER_ALL,
@@ -32,6 +35,9 @@ from .mixpool import mixpool
 from .pairwise import pairwise
 
 __all__ = ["clean_loss", "error_function", "gram_mixed", "mixed_loss", "mixpool", "pairwise"]
+
+# Elements of the block of embedding mixes that _mixes_by_blocks makes at a time (at least B rows).
+MIX_BLOCK_ELEMENTS = 1 << 22
 
 
 def _work_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
@@ -171,15 +177,37 @@ def _clean_stats(row: LossRow, terms: Terms, e, labels, proxies, backend: str) -
 
 
 def _mixed_rows(mixup, plan, e, features, head, inputs, model, backend) -> torch.Tensor:
-    """The [M, d] mixed embeddings, before normalization (feature and input mixup; embedding mixup only
-    for proxy-candidate losses, whose anchors are the mixed examples themselves: mixes of the unit rows
-    of the batch e)."""
+    """The [M, d] mixed embeddings, before normalization (embedding mixup: mixes of the unit rows of the
+    batch e, here only for an explicit member mask)."""
     if mixup == "embedding":
-        unit = normalize(e, e.dtype, backend)
-        return plan.lam * unit[plan.i] + (1.0 - plan.lam) * unit[plan.j]
+        return _mix(normalize(e, e.dtype, backend), plan.lam, plan.i, plan.j)
     if mixup == "feature":
         return head(mixpool(features, plan.i, plan.j, plan.lam, backend)).to(e.dtype)
-    return model(plan.lam * inputs[plan.i] + (1.0 - plan.lam) * inputs[plan.j]).to(e.dtype)
+    return model(_mix(inputs, plan.lam, plan.i, plan.j)).to(e.dtype)
+
+
+def _mix(x: torch.Tensor, lam: float, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """lam * x[i] + (1 - lam) * x[j]. index_select's gradient is an index_add, where indexing's is an
+    accumulating index_put: 2.2x faster on the CPU at M = 63,500 mixes of d = 512; lerp is one op for three."""
+    return torch.lerp(x.index_select(0, j), x.index_select(0, i), lam)
+
+
+def _mixes_by_blocks(stats: Callable, unit: torch.Tensor, p: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    """stats(mixes, p, i, j) [6, rows] of the embedding mixes of the unit rows over plan's pairs, joined.
+    The mixes are made a block of rows at a time and, when there are several blocks, made again in the
+    backward pass (activation checkpointing), so that one [rows, d] block exists at a time, not all
+    [M, d] (M grows as B^2). The cost: the blocks' forward pass runs twice."""
+
+    def block(unit, p, i, j):
+        return stats(_mix(unit, plan.lam, i, j), p, i, j)
+
+    rows = max(unit.shape[0], MIX_BLOCK_ELEMENTS // max(unit.shape[1], 1))
+    # under torch.compile M is data-dependent: one block, which the compiler plans; one block is also
+    # kept for the backward pass rather than made again, as it costs no more memory than a block
+    if torch.compiler.is_compiling() or plan.i.shape[0] <= rows:
+        return block(unit, p, plan.i, plan.j)
+    return torch.cat([checkpoint(block, unit, p, plan.i[s:s + rows], plan.j[s:s + rows], use_reentrant=False)
+                      for s in range(0, plan.i.shape[0], rows)], dim=1)
 
 
 def _mixed_stats(row: LossRow, terms: Terms, e, e_labels, order, labels, proxies, plan: MixPlan, mixup: str, features,
@@ -188,10 +216,15 @@ def _mixed_stats(row: LossRow, terms: Terms, e, e_labels, order, labels, proxies
     with labels e_labels in that order); labels are the batch's own, that plan.i / plan.j index."""
     if row.candidates == "proxies":
         # the mixed examples are the anchors; every proxy is a candidate with a soft label
-        m = _mixed_rows(mixup, plan, e, features, head, inputs, model, backend)
-        p, classes, none = _proxy_side(proxies, m.dtype)
-        return pairwise(m, (labels[plan.i], labels[plan.j]), plan.i, p, (classes, classes), none, plan.lam,
-                        _config(row, terms, MEMBER_ALL, plan, mixed_rows=True), backend)
+        p, classes, none = _proxy_side(proxies, e.dtype)
+        cfg = _config(row, terms, MEMBER_ALL, plan, mixed_rows=True)
+
+        def against_proxies(m, p, i, j):
+            return pairwise(m, (labels[i], labels[j]), i, p, (classes, classes), none, plan.lam, cfg, backend)
+
+        if mixup == "embedding":
+            return _mixes_by_blocks(against_proxies, normalize(e, e.dtype, backend), p, plan)
+        return against_proxies(_mixed_rows(mixup, plan, e, features, head, inputs, model, backend), p, plan.i, plan.j)
     rule = MEMBER_RULES[plan.pair_set]
     if row.anchors == "proxies":
         # a proxy stands for its whole class: anc-neg is pos-neg, and no per-anchor mask applies
