@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from metrix_kernels import FAMILY, metrix_loss
+from metrix_kernels import FAMILY, metrix_loss, ops
 
 DIM = 512
 PER_CLASS = 8
@@ -65,10 +65,13 @@ def estimated_bytes(impl: str, loss: str, mixup: Optional[str], batch: int) -> i
     """A rough upper estimate of a step's peak, to skip what would not fit."""
     m = pairs_per_batch(batch)
     if mixup == "embedding" and FAMILY[loss].candidates == "proxies":
-        # the mixed examples are the anchors: every backend forms the [M, d] mixed rows
-        return 6 * m * DIM * 4 + (12 * m * 4 if impl == "reference" else 0)
+        # the mixed examples are the anchors: the reference forms all [M, d] mixed rows, the fused
+        # path one block of them at a time
+        rows = m if impl == "reference" else min(m, max(batch, ops.MIX_BLOCK_ELEMENTS // DIM))
+        return 6 * rows * DIM * 4 + 12 * m * 4
     if mixup == "input":
-        base = 6 * batch**3  # the api's hard-negative plan: [B, B, B] masks
+        # the api's hard-negative plan: [B, B] masks and the [B, M] member mask (M <= 3 negatives x 8 x B)
+        base = 12 * batch**2 + 2 * 24 * batch**2
         return base + (20 * batch * m * 4 if impl == "reference" else 3 * m * DIM * 4)
     if mixup == "feature":
         pooled = 4 * m * (CHANNELS + DIM) * 4

@@ -186,16 +186,16 @@ def hard_negative_plan(
         hard = torch.zeros(b, b, dtype=torch.bool, device=labels.device)
         hard.scatter_(1, top, True)
         hard &= negative
-    # want[a, i, j]: anchor a mixes (i, j)
-    eye = torch.eye(b, dtype=torch.bool, device=labels.device)
-    same = labels[:, None] == labels[None, :]
+    # anchor a mixes (i, j) where first[a, i] and hard[a, j] (and i < j for neg-neg)
     if pair_set == "pos-neg":
-        want = same[:, :, None] & hard[:, None, :]
+        first = labels[:, None] == labels[None, :]
     elif pair_set == "anc-neg":
-        want = eye[:, :, None] & hard[:, None, :]
+        first = torch.eye(b, dtype=torch.bool, device=labels.device)
     else:
-        upper = torch.ones(b, b, dtype=torch.bool, device=labels.device).triu(1)
-        want = hard[:, :, None] & hard[:, None, :] & upper[None]
-    used = want.any(dim=0)
+        first = hard
+    # the pairs some anchor mixes, as a product of [B, B] masks (no [B, B, B] one)
+    used = (first.T.float() @ hard.float()) > 0
+    if pair_set == "neg-neg":
+        used = used.triu(1)
     i, j = used.nonzero(as_tuple=True)
-    return MixPlan(i, j, lam, pair_set, label_mode, member=want[:, i, j])
+    return MixPlan(i, j, lam, pair_set, label_mode, member=first[:, i] & hard[:, j])

@@ -367,6 +367,8 @@ def test_hard_negative_plan_matches_brute_force(pair_set, batch, k):
     if member is None:  # pos-pos needs no negatives: the rule decides
         member = rule_member(pair_set, batch.labels, torch.arange(b), batch.labels[plan.i], batch.labels[plan.j], plan.i)
     got = {(a, int(plan.i[m]), int(plan.j[m])) for a in range(b) for m in range(len(plan.i)) if member[a, m]}
+    assert bool(member.any(dim=0).all())  # every listed pair is mixed by some anchor, and listed once
+    assert len(set(zip(plan.i.tolist(), plan.j.tolist()))) == len(plan.i)
 
     e = torch.nn.functional.normalize(emb, dim=1)
     expected = set()
