@@ -188,7 +188,7 @@ def _mixed_rows(mixup, plan, e, features, head, inputs, model, backend) -> torch
 
 def _mix(x: torch.Tensor, lam: float, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """lam * x[i] + (1 - lam) * x[j]. index_select's gradient is an index_add, where indexing's is an
-    accumulating index_put, serial on the CPU; lerp is one op for three."""
+    accumulating index_put; lerp is one op for three."""
     return torch.lerp(x.index_select(0, j), x.index_select(0, i), lam)
 
 
