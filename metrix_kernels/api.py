@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
 
 from . import distributed, ops, reference
-from .family import resolve
+from .family import is_real, resolve
 from .pairs import (
     DEFAULT_PAIRS,
     MixPlan,
@@ -130,21 +131,18 @@ def validate(embeddings, labels, row, proxies, mixup, features, head, inputs, mo
             raise ValueError(f"mixup='input' needs inputs: a tensor [B = {b}, ...], got {got}")
         if not callable(model):
             raise TypeError("mixup='input' needs model: a callable from inputs [M, ...] to embeddings [M, d]")
-
-
-def _is_number(x) -> bool:
-    """int or float, but not bool (a bool here is a mistake, not 0 or 1)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+        if not inputs.dtype.is_floating_point:
+            raise TypeError(f"mixup='input' interpolates inputs: they must be floating point, got {inputs.dtype}")
 
 
 def _check_options(lam, mix_alpha, weight, hard_negatives) -> None:
-    if lam is not None and not (_is_number(lam) and 0.0 <= lam <= 1.0):
+    if lam is not None and not (is_real(lam) and 0.0 <= lam <= 1.0):
         raise ValueError(f"lam must be None (drawn from Beta(mix_alpha, mix_alpha)) or a number in [0, 1], got {lam!r}")
-    if not (_is_number(mix_alpha) and mix_alpha > 0 and math.isfinite(mix_alpha)):
+    if not (is_real(mix_alpha) and mix_alpha > 0 and math.isfinite(mix_alpha)):
         raise ValueError(f"mix_alpha must be a finite number > 0, got {mix_alpha!r}")
-    if not (_is_number(weight) and weight >= 0 and math.isfinite(weight)):
+    if not (is_real(weight) and weight >= 0 and math.isfinite(weight)):
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-    if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 1:
+    if not (is_real(hard_negatives) and isinstance(hard_negatives, numbers.Integral) and hard_negatives >= 1):
         raise ValueError(f"hard_negatives must be an int >= 1, got {hard_negatives!r}")
 
 
@@ -166,7 +164,7 @@ def plan_mixing(
     if group is not None:
         pair_set, lam = distributed.agree(pair_set, lam, group, embeddings.device)
     if mixup == "input":
-        return hard_negative_plan(embeddings, labels, pair_set, lam, label_mode, hard_negatives)
+        return hard_negative_plan(embeddings, labels, pair_set, lam, label_mode, int(hard_negatives))
     return MixPlan(None, None, lam, pair_set, label_mode, labels=labels)
 
 
@@ -211,6 +209,7 @@ def metrix_loss(
     check_pair_set(pairs)
     check_label_mode(label_mode)
     _check_options(lam, mix_alpha, weight, hard_negatives)
+    weight = float(weight)
     backend = _resolve_backend(backend, embeddings.device)
     impl, on = (reference, {}) if backend == "reference" else (ops, {"backend": backend})
     group = distributed.resolve_group(process_group)
@@ -220,10 +219,25 @@ def metrix_loss(
         )
 
     if mixup is None:
-        return impl.clean_loss(row, terms, embeddings, labels, proxies, **on)
-    plan = plan_mixing(embeddings, labels, mixup, pairs, lam, mix_alpha, label_mode, hard_negatives, generator, group)
-    return impl.error_function(row, terms, embeddings, labels, proxies, plan, mixup, features, head, inputs, model,
-                               weight, **on)
+        loss = impl.clean_loss(row, terms, embeddings, labels, proxies, **on)
+    else:
+        plan = plan_mixing(embeddings, labels, mixup, pairs, lam, mix_alpha, label_mode, hard_negatives, generator,
+                           group)
+        loss = impl.error_function(row, terms, embeddings, labels, proxies, plan, mixup, features, head, inputs, model,
+                                   weight, **on)
+    return _nan_unless_finite(loss, embeddings, proxies)
+
+
+def _nan_unless_finite(loss: torch.Tensor, *tensors) -> torch.Tensor:
+    """loss, or NaN when an input holds a NaN or an infinity, as PML gives: the kernels' running maxima
+    and the hinges pass over NaN similarities, and a diverged run must not log a finite loss. loss plus
+    zero times a float32 sum of the inputs: two small ops for one input, no host sync."""
+    total = None
+    for t in tensors:
+        if t is not None:
+            part = t.detach().sum(dtype=torch.float32)
+            total = part if total is None else total + part
+    return torch.add(loss, total, alpha=0).to(loss.dtype)  # 0 * inf and 0 * NaN are NaN
 
 
 class MetrixLoss(torch.nn.Module):

@@ -15,6 +15,7 @@ which stays finite for scales of 75 and more.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -243,6 +244,12 @@ def loss_row(name: str) -> LossRow:
     return FAMILY[name]
 
 
+def is_real(x) -> bool:
+    """A real number (Python's or numpy's, e.g. from a sweep's grid), but not a bool: a bool given for
+    a number is a mistake, not 0 or 1."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def resolve(name: str, params: dict) -> tuple[LossRow, Terms, dict]:
     """The row, its terms for the given hyperparameters (defaults filled in), and the full parameters."""
     row = loss_row(name)
@@ -253,12 +260,13 @@ def resolve(name: str, params: dict) -> tuple[LossRow, Terms, dict]:
         )
     full = {**row.defaults, **params}
     for key, value in full.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_real(value) or not math.isfinite(value):
             raise TypeError(f"loss parameter {key!r} must be a finite number, got {value!r}")
+    full = {key: float(value) for key, value in full.items()}
     for key in ("alpha", "beta", "softmax_scale", "temperature"):
         if key in full and full[key] <= 0:
             raise ValueError(f"loss parameter {key!r} must be > 0, got {full[key]!r}")
-    return row, row.terms(**{k: float(v) for k, v in full.items()}), full
+    return row, row.terms(**full), full
 
 
 class TermStats(NamedTuple):

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .family import is_real
+
 PAIR_SETS = ("pos-neg", "anc-neg", "pos-pos", "neg-neg")
 DEFAULT_PAIRS = "pos-neg/anc-neg"  # the paper's default: one of the two, drawn per call
 LABEL_MODES = ("interpolate", "negative", "dominant")
@@ -65,6 +67,20 @@ class MixPlan:
         return self._pairs
 
 
+def check_mixed_embeddings(m, count: int, embeddings: torch.Tensor, maker: str) -> None:
+    """What ``maker`` (feature mixup's head, input mixup's model) returned for the ``count`` mixed
+    examples must be their embeddings, [count, d] like the batch's: the fused kernels index it by
+    the pairs and would read past a shorter or narrower tensor."""
+    width = embeddings.shape[1]
+    if not isinstance(m, torch.Tensor) or m.ndim != 2 or m.shape[0] != count or m.shape[1] != width:
+        got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+        raise ValueError(f"{maker} must return the embeddings of the {count} mixed examples, [{count}, {width}] "
+                         f"like the batch's, got {got}")
+    if m.device != embeddings.device or not m.dtype.is_floating_point:
+        raise ValueError(f"{maker} must return floating-point embeddings on {embeddings.device}, "
+                         f"got {m.dtype} on {m.device}")
+
+
 def check_pair_set(pairs: str) -> None:
     if pairs != DEFAULT_PAIRS and pairs not in PAIR_SETS:
         raise ValueError(f"unknown pairs {pairs!r}; expected one of {[DEFAULT_PAIRS, *PAIR_SETS]}")
@@ -106,7 +122,7 @@ def _gamma(shape: float, generator: Optional[torch.Generator]) -> float:
 
 def sample_lam(mix_alpha: float, generator: Optional[torch.Generator] = None) -> float:
     """lam ~ Beta(mix_alpha, mix_alpha), one per call."""
-    if not (isinstance(mix_alpha, (int, float)) and mix_alpha > 0 and math.isfinite(mix_alpha)):
+    if not (is_real(mix_alpha) and mix_alpha > 0 and math.isfinite(mix_alpha)):
         raise ValueError(f"mix_alpha must be a finite number > 0, got {mix_alpha!r}")
     x = _gamma(float(mix_alpha), generator)
     y = _gamma(float(mix_alpha), generator)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .family import LossRow, Terms, TermStats, assemble
-from .pairs import MixPlan, rule_member, soft_labels
+from .pairs import MixPlan, check_mixed_embeddings, rule_member, soft_labels
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -108,8 +108,11 @@ def mixed_embeddings(
     if mixup == "embedding":
         return mix_embeddings(embeddings, plan)
     if mixup == "feature":
-        return head(mix_features(features, plan))
-    return model(mix_inputs(inputs, plan))
+        m, maker = head(mix_features(features, plan)), "head"
+    else:
+        m, maker = model(mix_inputs(inputs, plan)), "model"
+    check_mixed_embeddings(m, plan.i.shape[0], embeddings, maker)
+    return m
 
 
 def mixed_loss(

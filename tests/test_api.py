@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,8 @@ def call(**overrides):
         ({"mixup": "input"}, ValueError, r"mixup='input' needs inputs: a tensor \[B = 6, \.\.\.\], got NoneType"),
         ({"mixup": "input", "inputs": torch.zeros(5, 3), "model": abs}, ValueError, r"got \(5, 3\)"),
         ({"mixup": "input", "inputs": torch.zeros(6, 3)}, TypeError, r"mixup='input' needs model: a callable"),
+        ({"mixup": "input", "inputs": torch.zeros(6, 3, dtype=torch.uint8), "model": abs}, TypeError,
+         r"mixup='input' interpolates inputs: they must be floating point, got torch.uint8"),
     ],
 )
 def test_bad_input_is_refused_with_what_was_expected(overrides, error, message):
@@ -93,6 +96,22 @@ def test_bad_input_is_refused_with_what_was_expected(overrides, error, message):
 def test_proxies_are_validated(loss, proxies, labels, error, message):
     with pytest.raises(error, match=message):
         call(loss=loss, proxies=proxies, labels=labels)
+
+
+def test_numpy_scalars_are_numbers():
+    """Hyperparameter sweeps hand numpy scalars: they count as the Python numbers they equal."""
+    want = call(lam=0.25, weight=0.5, alpha=3.0, mixup="input", pairs="pos-neg", inputs=EMB, model=lambda x: x,
+                hard_negatives=2)
+    got = call(lam=np.float32(0.25), weight=np.float64(0.5), alpha=np.float32(3.0), mixup="input", pairs="pos-neg",
+               inputs=EMB, model=lambda x: x, hard_negatives=np.int64(2))
+    drawn = [call(lam=None, mix_alpha=alpha, pairs="pos-neg", generator=torch.Generator().manual_seed(1))
+             for alpha in (2.0, np.int64(2))]
+    assert drawn[0] == drawn[1]
+    assert got == want
+    module = MetrixLoss(lam=np.float32(0.25), beta=np.int32(40))
+    assert module.loss_params["beta"] == 40.0 and type(module.loss_params["beta"]) is float
+    with pytest.raises(ValueError, match="lam must be None"):
+        call(lam=np.bool_(True))
 
 
 def test_one_proxy_is_enough_when_proxies_are_anchors():

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from ..backends import (
@@ -27,8 +26,8 @@ from ..backends import (
     KernelConfig,
 )
 from ..family import LossRow, Terms, TermStats, assemble
-from ..pairs import MixPlan
-from ._dispatch import backend_module, normalize
+from ..pairs import MixPlan, check_mixed_embeddings
+from ._dispatch import autocast_off, backend_module, first_order, normalize
 from .clean_and_gram import clean_and_gram
 from .gram import gram_mixed
 from .mixpool import mixpool
@@ -60,6 +59,7 @@ class _Assembled(torch.autograd.Function):
     """_assemble by the backend's assemble_forward / assemble_backward (one launch each way)."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, row, terms, weight, kernels, *stats):
         loss, divisors = kernels.assemble_forward(row, terms, stats, weight)
         ctx.save_for_backward(*stats, divisors)
@@ -67,7 +67,8 @@ class _Assembled(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @first_order
+    @autocast_off
     def backward(ctx, grad):
         *stats, divisors = ctx.saved_tensors
         grads = ctx.kernels.assemble_backward(ctx.row, ctx.terms, tuple(stats), ctx.weight, divisors, grad)
@@ -182,8 +183,11 @@ def _mixed_rows(mixup, plan, e, features, head, inputs, model, backend) -> torch
     if mixup == "embedding":
         return _mix(normalize(e, e.dtype, backend), plan.lam, plan.i, plan.j)
     if mixup == "feature":
-        return head(mixpool(features, plan.i, plan.j, plan.lam, backend)).to(e.dtype)
-    return model(_mix(inputs, plan.lam, plan.i, plan.j)).to(e.dtype)
+        m, maker = head(mixpool(features, plan.i, plan.j, plan.lam, backend)), "head"
+    else:
+        m, maker = model(_mix(inputs, plan.lam, plan.i, plan.j)), "model"
+    check_mixed_embeddings(m, plan.i.shape[0], e, maker)
+    return m.to(e.dtype)
 
 
 def _mix(x: torch.Tensor, lam: float, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:

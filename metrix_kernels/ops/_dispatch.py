@@ -7,7 +7,7 @@ scales, shifts, member, label_mode, mixed_rows, count_nonzero) and is rebuilt on
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import lru_cache, wraps
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -63,6 +63,38 @@ def none_if_free_zeros(grad: Tensor) -> Optional[Tensor]:
     return None if grad.dim() and not any(grad.stride()) else grad
 
 
+def autocast_off(kernel: Callable) -> Callable:
+    """kernel run with autocast off on its tensors' device. The kernels compute in the dtypes they are
+    given (half inputs accumulate in float32); under a caller's autocast region their own torch ops
+    (products, norms) would be recast to half, which the cpu extension refuses and which would change
+    the numbers."""
+
+    @wraps(kernel)
+    def run(*args):
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), None)
+        if device is None or not torch.is_autocast_enabled(device):
+            return kernel(*args)
+        with torch.autocast(device, enabled=False):
+            return kernel(*args)
+
+    return run
+
+
+def first_order(backward: Callable) -> Callable:
+    """backward of kernels whose gradients are not differentiable again. A double backward
+    (create_graph=True) raises: autograd would otherwise take the gradient for a constant, since it
+    flows from the loss's own gradient, which needs none (torch's once_differentiable lets that pass)."""
+
+    @wraps(backward)
+    def run(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the fused backends compute first-order gradients only: for a double backward "
+                               "(create_graph=True) use backend='reference'")
+        return backward(ctx, *grads)
+
+    return run
+
+
 class Kernels(NamedTuple):
     forward: Callable
     backward: Callable
@@ -79,9 +111,11 @@ def fused_op(name: str, forward: Callable, forward_fake: Callable, backward_kern
     direction (its autograd wrapper rebuilds the schema's argument list once per argument), and dynamo
     cannot trace that autograd.Function itself when one tensor is given twice (rows is cols).
     """
-    ops = Kernels(torch.library.custom_op(name, forward, mutates_args=()),
+    schemas = [torch.library.infer_schema(f, mutates_args=()) for f in (forward, backward_kernel)]
+    forward, backward_kernel = autocast_off(forward), autocast_off(backward_kernel)
+    ops = Kernels(torch.library.custom_op(name, forward, mutates_args=(), schema=schemas[0]),
                   torch.library.custom_op(f"{name}_backward", _dense(backward_kernel), mutates_args=(),
-                                          schema=torch.library.infer_schema(backward_kernel, mutates_args=())))
+                                          schema=schemas[1]))
     ops.forward.register_fake(forward_fake)
     ops.backward.register_fake(backward_fake)
     direct = Kernels(forward, backward_kernel)
@@ -103,7 +137,7 @@ def fused_op(name: str, forward: Callable, forward_fake: Callable, backward_kern
             eager_setup(ctx, inputs, output)
             return output
 
-    Eager.backward = staticmethod(backward)
+    Eager.backward = staticmethod(first_order(backward))
 
     def call(*inputs):
         return ops.forward(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
@@ -117,6 +151,7 @@ class UnitRows(torch.autograd.Function):
     over x (autograd through F.normalize takes about eight, a cost that shows on the [M, d] mixed rows)."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, kernels):
         if kernels is not None:
             y, norm = kernels.unit_rows_forward(x)
@@ -128,6 +163,7 @@ class UnitRows(torch.autograd.Function):
         return y
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         y, norm = ctx.saved_tensors
         if ctx.kernels is not None:
