@@ -18,4 +18,4 @@ test: install
 	$(PY) -m pytest -q
 
 train: install
-	$(VENV)/bin/metrix-train
+	$(VENV)/bin/metrix-train --overwrite

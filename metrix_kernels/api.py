@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -218,6 +219,9 @@ def metrix_loss(
             group, mixup, embeddings, labels, features, head, inputs, model
         )
 
+    if mixup is not None and loss == "nca":
+        warnings.warn("NCA's mixed term has no gradient: an anchor's mixed candidates all carry one soft label, "
+                      "and NCA's ratio of labelled to total mass is then a constant (README, Losses)", stacklevel=2)
     if mixup is None:
         loss = impl.clean_loss(row, terms, embeddings, labels, proxies, **on)
     else:

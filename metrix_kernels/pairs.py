@@ -25,14 +25,18 @@ PAIR_SETS = ("pos-neg", "anc-neg", "pos-pos", "neg-neg")
 DEFAULT_PAIRS = "pos-neg/anc-neg"  # the paper's default: one of the two, drawn per call
 LABEL_MODES = ("interpolate", "negative", "dominant")
 
-# The comparison methods of the paper's Table 3, as metrix_loss keyword presets.
+# The comparison methods of the paper's Table 3 (run there with the contrastive loss), as metrix_loss
+# keyword presets.
 METHODS = {
     "metrix": {"pairs": DEFAULT_PAIRS, "label_mode": "interpolate"},
-    # MoCHi (Kalantidis et al. 2020): mixed embeddings are negatives whatever lam.
+    # MoCHi (Kalantidis et al. 2020): mixed embeddings are negatives whatever lam. The paper mixes the
+    # hardest negatives only; these presets mix every pair of the set (embedding mixup takes no
+    # hard-negative selection).
     "mochi-anc-neg": {"mixup": "embedding", "pairs": "anc-neg", "label_mode": "negative"},
     "mochi-neg-neg": {"mixup": "embedding", "pairs": "neg-neg", "label_mode": "negative"},
-    # i-Mix-style: anchor-negative input mixup, labelled by the dominant example, not interpolated.
-    "i-mix": {"mixup": "input", "pairs": "anc-neg", "label_mode": "dominant"},
+    # i-Mix (Lee et al. 2021): anchor-negative input mixup, labels interpolated linearly (paper, sec. 2
+    # and 4.2); Metrix/input differs by its pair set, pos-neg or anc-neg drawn per call.
+    "i-mix": {"mixup": "input", "pairs": "anc-neg", "label_mode": "interpolate"},
 }
 
 

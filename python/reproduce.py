@@ -4,7 +4,7 @@ embedding) per loss, several seeds, mean and spread, beside the published number
 Our machines have no image datasets, so the default is the digits-scale version:
 
     python python/reproduce.py                        # digits, 3 losses x 4 methods x 3 seeds
-    python python/reproduce.py --dataset cub200 --data-root /data --epochs 60 --table cub.md
+    python python/reproduce.py --dataset cub200 --data-root /data --epochs 60
 
 Text below a "## Reading" heading of an existing table file is kept when the table is rewritten.
 """
@@ -40,7 +40,7 @@ PUBLISHED = {
 
 
 def arguments() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-root")
     p.add_argument("--losses", default="contrastive,multi_similarity,proxy_anchor")
@@ -49,8 +49,10 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--extra", default="", help="more metrix-train flags for every run, quoted")
     p.add_argument("--runs", default="runs/reproduce", help="folder of the individual runs")
-    p.add_argument("--table", default="bench/results/reproduction-digits.md")
-    return p.parse_args()
+    p.add_argument("--table", help="the table's file (default bench/results/reproduction-<dataset>.md)")
+    args = p.parse_args()
+    args.table = args.table or f"bench/results/reproduction-{args.dataset}.md"
+    return args
 
 
 def run_one(args, loss: str, method: str, seed: int) -> dict:
@@ -60,7 +62,7 @@ def run_one(args, loss: str, method: str, seed: int) -> dict:
         flags += ["--data-root", args.data_root]
     if args.epochs:
         flags += ["--epochs", str(args.epochs)]
-    return Trainer(resolve(train_parser().parse_args(flags))).fit()
+    return Trainer(resolve(train_parser().parse_args(flags)), overwrite=True).fit()  # a rerun replaces its runs
 
 
 def _cell(values: list[float]) -> str:
@@ -94,6 +96,14 @@ def table(args, results: dict, seconds: float, loads: tuple[float, float]) -> st
     for loss in losses:
         cells = [_cell([r["final"]["recall"]["1"] for r in results[(loss, m)]]) for m in methods]
         lines.append(f"| {LOSS_NAMES.get(loss, loss)} | " + " | ".join(cells) + " |")
+    untrained = {}  # one network per seed, whatever the loss and method: the first run of each seed's
+    for rs in results.values():
+        for seed, r in zip(args.seeds.split(","), rs):
+            if r.get("untrained_recall"):
+                untrained.setdefault(seed, r["untrained_recall"]["1"])
+    if untrained:
+        lines += ["", f"The same networks before training (seeds {', '.join(untrained)}): R@1 "
+                      f"{_cell(list(untrained.values()))}."]
     lines += ["", "Test-set alignment / uniformity / utilization (clean train; with mixed train embeddings), means:", "",
               "| loss | method | alignment | uniformity | utilization | utilization (+mixed) | step ms |",
               "|---|---|---|---|---|---|---|"]

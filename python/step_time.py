@@ -48,7 +48,7 @@ def _resnet_steppers(args, mixups):
     for m in mixups:
         model = build_model("resnet50", 512, None, freeze_bn=True).to(device).train()
         criterion = MetrixLoss(args.loss, mixup=m, backend=args.backend)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
         generator = torch.Generator().manual_seed(1)
         steppers[m] = lambda x, y, a=(model, criterion, optimizer, generator): train_step(*a[:3], x, y, a[1].mixup, a[3], 10.0)
     return steppers, batches

@@ -114,6 +114,18 @@ def test_numpy_scalars_are_numbers():
         call(lam=np.bool_(True))
 
 
+@pytest.mark.parametrize("pairs", ["pos-neg", "anc-neg", "pos-pos", "neg-neg"])
+@pytest.mark.parametrize("label_mode", ["interpolate", "negative", "dominant"])
+def test_nca_mixed_term_has_no_gradient_and_says_so(pairs, label_mode):
+    grads = []
+    for weight in (0.0, 1.0):
+        x = EMB.clone().requires_grad_(True)
+        with pytest.warns(UserWarning, match="NCA's mixed term has no gradient"):
+            value = call(embeddings=x, loss="nca", pairs=pairs, label_mode=label_mode, weight=weight)
+        grads.append(torch.autograd.grad(value, x)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
+
+
 def test_one_proxy_is_enough_when_proxies_are_anchors():
     labels = torch.zeros(6, dtype=torch.long)
     assert torch.isfinite(call(loss="proxy_anchor", proxies=PROXIES[:1], labels=labels))

@@ -1,5 +1,6 @@
 """python/reproduce.py end to end on a tiny grid: one table of mean ± spread per cell, beside the
 published numbers, and the reading of an existing table file kept when it is rewritten."""
+import json
 import re
 import subprocess
 import sys
@@ -23,4 +24,8 @@ def test_reproduce_writes_the_grid_and_keeps_the_reading(tmp_path):
     for name in ("Multi-similarity", "Contrastive"):
         assert re.search(rf"^\| {name} \| {cell} \| {cell} \|$", text, re.MULTILINE), name
         assert re.search(rf"^\| {name} \| \d+\.\d -> \d+\.\d \|", text, re.MULTILINE), name  # published
-    assert len(list((tmp_path / "runs").glob("*/results.json"))) == 8
+    runs = [json.loads(path.read_text()) for path in (tmp_path / "runs").glob("*/results.json")]
+    assert len(runs) == 8
+    assert re.search(rf"^The same networks before training \(seeds 0, 1\): R@1 {cell}\.$", text, re.MULTILINE)
+    for seed in (0, 1):  # one network per seed, whatever the loss and method
+        assert len({json.dumps(r["untrained_recall"]) for r in runs if r["config"]["seed"] == seed}) == 1

@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -92,3 +95,14 @@ def test_balanced_sampler_structure():
         assert sorted(counts[counts > 0].tolist()) == [4, 4, 4]
     with pytest.raises(ValueError, match="classes per batch"):
         BalancedBatchSampler(labels, classes_per_batch=12, samples_per_class=2)
+
+
+@pytest.mark.parametrize("dataset", ["cars196", "sop", "inshop"])  # CUB's list is its folders' contents
+def test_a_hole_mid_list_is_found_at_load(tmp_path, dataset):
+    """Every image a list file names is checked when the data load, not only the first and last."""
+    {"cars196": make_cars, "sop": make_sop, "inshop": make_inshop}[dataset](tmp_path)
+    items = data.load(dataset, tmp_path).train.items
+    hole = items[len(items) // 2]
+    Path(hole).unlink()
+    with pytest.raises(data.DatasetLayoutError, match=f"image {re.escape(str(hole))} listed for train does not exist"):
+        data.load(dataset, tmp_path)

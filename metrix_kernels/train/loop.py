@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from .sampling import BalancedBatchSampler, RandomBatchSampler
 
 # Settings that may change when resuming; everything else comes from the checkpoint.
 RUNTIME_FIELDS = ("out", "progress", "stop_after_epoch", "workers", "device")
+LOG_NAME = "train.log"
 
 
 @dataclass
@@ -120,7 +121,7 @@ def _logger(out: Path, rank: int = 0) -> logging.Logger:
     if rank != 0:  # one log, rank 0's
         return log
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(out / "train.log"), logging.StreamHandler()):
+    for handler in (logging.FileHandler(out / LOG_NAME), logging.StreamHandler()):
         handler.setFormatter(fmt)
         log.addHandler(handler)
     return log
@@ -183,18 +184,33 @@ def train_step(model, criterion, optimizer, x, y, mixup, generator, grad_clip) -
 
 
 class Trainer:
-    def __init__(self, config: Config, resume: bool = False):
+    """resume: continue the run in config.out, with its saved settings (a field named in ``given``, the
+    settings a user set explicitly, must agree with them). overwrite: start again where config.out holds
+    a run, which is otherwise refused."""
+
+    def __init__(self, config: Config, resume: bool = False, overwrite: bool = False, given: Iterable[str] = ()):
         self.rank, self.world_size = _world()
         self.out = Path(config.out)
+        self.checkpoint_path = self.out / "checkpoint.pt"
+        if not resume and self.rank == 0 and self.checkpoint_path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{self.out} holds a run already ({self.checkpoint_path.name}): --resume "
+                                      "continues it, --overwrite starts it again, --out names another folder")
+            for name in (self.checkpoint_path.name, LOG_NAME, *report.OUTPUTS):
+                (self.out / name).unlink(missing_ok=True)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_path = self.out / "checkpoint.pt"
         checkpoint = None
         if resume:
             checkpoint = self._read_checkpoint()
             saved = dict(checkpoint["config"])
-            saved.update({k: getattr(config, k) for k in RUNTIME_FIELDS})
             saved["recall_ks"] = tuple(saved["recall_ks"])
+            changed = [f"{name} {getattr(config, name)!r} (the run's: {saved[name]!r})" for name in sorted(given)
+                       if name in saved and getattr(config, name) != saved[name]]
+            if changed:
+                raise ValueError(f"--resume continues {self.out} with its own settings; these differ: "
+                                 + ", ".join(changed) + " (start a new run with another --out for them)")
+            saved.update({k: getattr(config, k) for k in RUNTIME_FIELDS})
             config = Config(**saved)
         self.cfg = cfg = config
         self.log = _logger(self.out, self.rank)
@@ -204,6 +220,8 @@ class Trainer:
         random.seed(cfg.seed)
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if cfg.device == "auto" else cfg.device))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device!r}: torch sees no GPU here (use --device cpu or auto)")
         if self.world_size > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # init_distributed set LOCAL_RANK's
 
@@ -228,7 +246,7 @@ class Trainer:
         groups = [{"params": list(self.model.parameters())}]
         if proxies:
             groups.append({"params": list(self.criterion.parameters()), "lr": cfg.lr * cfg.proxy_lr_mult})
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)  # the recipe: Adam, L2 1e-4
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_gamma)
         self.sampler = self._sampler(cfg.seed)
         if self.world_size > 1:
@@ -237,6 +255,7 @@ class Trainer:
         self.mix_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.reservoir = MixedReservoir(cfg.reservoir_size, cfg.reservoir_per_step, cfg.seed + 2)
         self.history: list[dict] = []
+        self.untrained_recall: Optional[dict] = None  # the baseline of the network before any step
         self.epoch = 0
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -251,8 +270,10 @@ class Trainer:
         if cfg.sampler == "random":
             sampler = RandomBatchSampler(len(labels), cfg.batch_size, seed)
         elif cfg.sampler == "balanced":
-            if cfg.batch_size % cfg.samples_per_class:
-                raise ValueError(f"balanced sampling: batch size {cfg.batch_size} is not a multiple of {cfg.samples_per_class} samples per class")
+            if cfg.batch_size % cfg.samples_per_class or cfg.batch_size // cfg.samples_per_class < 2:
+                raise ValueError(f"balanced sampling: batch size {cfg.batch_size} must be a multiple of "
+                                 f"{cfg.samples_per_class} samples per class, with at least two classes per batch "
+                                 "(a batch of one class has no negatives to mix)")
             sampler = BalancedBatchSampler(labels, cfg.batch_size // cfg.samples_per_class, cfg.samples_per_class, seed)
         else:
             raise ValueError(f"unknown sampler {cfg.sampler!r}; expected 'random' or 'balanced'")
@@ -276,6 +297,11 @@ class Trainer:
         processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
         self.log.info(f"{cfg.dataset} / {cfg.loss} / {cfg.method} (mixup={cfg.mixup}) on {self.device}{processes}: "
                       f"{len(self.splits.train)} train, {len(self.splits.test)} test examples, out={self.out}")
+        if self.rank == 0 and self.epoch == 0 and self.untrained_recall is None:
+            rng = torch.get_rng_state()  # the evaluation's loader draws a seed: training draws as without it
+            self.untrained_recall = self.evaluate_recall()
+            torch.set_rng_state(rng)
+            self.log.info(f"before training: R@1 {self.untrained_recall['1']:.2f}")
         while self.epoch < cfg.epochs:
             epoch = self.epoch
             self.model.freeze_backbone(epoch < cfg.warmup_epochs)
@@ -466,6 +492,7 @@ class Trainer:
             "world_size": self.world_size,
             "torch": torch.__version__,
             "history": self.history,
+            "untrained_recall": self.untrained_recall,
             "step_ms": float(np.median(steps)),
             "final": final,
         }
@@ -495,6 +522,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
+            "untrained_recall": self.untrained_recall,
             "reservoir": self.reservoir.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -515,6 +543,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = state["history"]
+        self.untrained_recall = state.get("untrained_recall")  # absent from checkpoints of earlier versions
         self.reservoir.load_state_dict(state["reservoir"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -17,7 +18,11 @@ def markdown(results: dict) -> str:
     row = [cfg["dataset"], cfg["loss"], results["method"], *[f"{final['recall'][k]:.1f}" for k in ks],
            _fmt(final["alignment"]), _fmt(final["uniformity"]), _fmt(final["utilization"]),
            _fmt(final["utilization_mixed"]), _fmt(results["step_ms"], 1)]
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |", ""])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |", ""]
+    if results.get("untrained_recall"):
+        before = "  ".join(f"R@{k} {v:.1f}" for k, v in results["untrained_recall"].items())
+        lines += [f"The network before training: {before}.", ""]
+    return "\n".join(lines)
 
 
 def plots(results: dict, out: Path) -> list[Path]:
@@ -27,8 +32,10 @@ def plots(results: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    epochs = [h["epoch"] for h in results["history"] if "recall" in h]
-    r1 = [h["recall"]["1"] for h in results["history"] if "recall" in h]
+    points = [(h["epoch"], h["recall"]["1"]) for h in results["history"] if "recall" in h]
+    if results.get("untrained_recall"):
+        points.insert(0, (0, results["untrained_recall"]["1"]))
+    epochs, r1 = [e for e, _ in points], [r for _, r in points]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(epochs, r1, marker="o")
     ax.set(xlabel="epoch", ylabel="Recall@1 (%)", title=f"{results['config']['dataset']}: {results['method']}")
@@ -65,7 +72,22 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# what write puts in a run's folder
+OUTPUTS = ("results.json", "results.md", "recall.png", "positivity.png", "utilization.png")
+
+
+def _json_ready(value):
+    """value with NaN and infinities as null: JSON has no NaN (strict parsers refuse Python's)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
 def write(results: dict, out: Path) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(json.dumps(_json_ready(results), indent=2, allow_nan=False))
     (out / "results.md").write_text(markdown(results))
     plots(results, out)
