@@ -96,7 +96,7 @@ def table(args, results: dict, seconds: float, loads: tuple[float, float]) -> st
     for loss in losses:
         cells = [_cell([r["final"]["recall"]["1"] for r in results[(loss, m)]]) for m in methods]
         lines.append(f"| {LOSS_NAMES.get(loss, loss)} | " + " | ".join(cells) + " |")
-    untrained = {}  # one network per seed, whatever the loss and method: the first run of each seed's
+    untrained = {}  # per seed: its runs share one initial network, whatever the loss and method
     for rs in results.values():
         for seed, r in zip(args.seeds.split(","), rs):
             if r.get("untrained_recall"):
