@@ -136,7 +136,7 @@ def validate(embeddings, labels, row, proxies, mixup, features, head, inputs, mo
             raise TypeError(f"mixup='input' interpolates inputs: they must be floating point, got {inputs.dtype}")
 
 
-def _check_options(lam, mix_alpha, weight, hard_negatives) -> None:
+def _check_options(lam, mix_alpha, weight, hard_negatives, mix_hardest) -> None:
     if lam is not None and not (is_real(lam) and 0.0 <= lam <= 1.0):
         raise ValueError(f"lam must be None (drawn from Beta(mix_alpha, mix_alpha)) or a number in [0, 1], got {lam!r}")
     if not (is_real(mix_alpha) and mix_alpha > 0 and math.isfinite(mix_alpha)):
@@ -145,6 +145,8 @@ def _check_options(lam, mix_alpha, weight, hard_negatives) -> None:
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
     if not (is_real(hard_negatives) and isinstance(hard_negatives, numbers.Integral) and hard_negatives >= 1):
         raise ValueError(f"hard_negatives must be an int >= 1, got {hard_negatives!r}")
+    if not isinstance(mix_hardest, bool):
+        raise ValueError(f"mix_hardest must be True or False, got {mix_hardest!r}")
 
 
 def plan_mixing(
@@ -158,13 +160,16 @@ def plan_mixing(
     hard_negatives: int,
     generator: Optional[torch.Generator],
     group=None,
+    mix_hardest: bool = False,
 ) -> MixPlan:
-    """Draw the pair set and lam of this call (rank 0's under a process group) and list the pairs to mix."""
+    """Draw the pair set and lam of this call (rank 0's under a process group) and list the pairs to mix:
+    each anchor's hard_negatives hardest negatives for input mixup (and for the others with
+    mix_hardest), else every pair of the set."""
     pair_set = choose_pair_set(pairs, generator)
     lam = float(lam) if lam is not None else sample_lam(mix_alpha, generator)
     if group is not None:
         pair_set, lam = distributed.agree(pair_set, lam, group, embeddings.device)
-    if mixup == "input":
+    if mixup == "input" or mix_hardest:
         return hard_negative_plan(embeddings, labels, pair_set, lam, label_mode, int(hard_negatives))
     return MixPlan(None, None, lam, pair_set, label_mode, labels=labels)
 
@@ -188,6 +193,7 @@ def metrix_loss(
     model: Optional[Callable] = None,
     label_mode: str = "interpolate",
     hard_negatives: int = 3,
+    mix_hardest: bool = False,
     process_group=None,
     **loss_params,
 ) -> torch.Tensor:
@@ -201,7 +207,9 @@ def metrix_loss(
     pairs: "pos-neg", "anc-neg", "pos-pos", "neg-neg" or "pos-neg/anc-neg" (one drawn per call).
     lam: fixed interpolation factor, or None to draw lam ~ Beta(mix_alpha, mix_alpha) per call.
     label_mode: "interpolate" (Metrix), "negative" (MoCHi-style) or "dominant" (no interpolation).
-    hard_negatives: input mixup's negatives per anchor. proxies: [num_classes, d] for proxy losses.
+    hard_negatives: input mixup's negatives per anchor, its hardest (most similar) ones; mix_hardest:
+    embedding and feature mixup also mix those only (MoCHi's selection), not every pair of the set.
+    proxies: [num_classes, d] for proxy losses.
     process_group: None, "world" or a torch.distributed ProcessGroup: the loss of the batch gathered
     from all its ranks, identical on every rank (a collective; see ``metrix_kernels.distributed``).
     """
@@ -209,7 +217,7 @@ def metrix_loss(
     validate(embeddings, labels, row, proxies, mixup, features, head, inputs, model)
     check_pair_set(pairs)
     check_label_mode(label_mode)
-    _check_options(lam, mix_alpha, weight, hard_negatives)
+    _check_options(lam, mix_alpha, weight, hard_negatives, mix_hardest)
     weight = float(weight)
     backend = _resolve_backend(backend, embeddings.device)
     impl, on = (reference, {}) if backend == "reference" else (ops, {"backend": backend})
@@ -226,7 +234,7 @@ def metrix_loss(
         loss = impl.clean_loss(row, terms, embeddings, labels, proxies, **on)
     else:
         plan = plan_mixing(embeddings, labels, mixup, pairs, lam, mix_alpha, label_mode, hard_negatives, generator,
-                           group)
+                           group, mix_hardest)
         loss = impl.error_function(row, terms, embeddings, labels, proxies, plan, mixup, features, head, inputs, model,
                                    weight, **on)
     return _nan_unless_finite(loss, embeddings, proxies)
@@ -264,6 +272,7 @@ class MetrixLoss(torch.nn.Module):
         backend: str = "auto",
         label_mode: str = "interpolate",
         hard_negatives: int = 3,
+        mix_hardest: bool = False,
         process_group=None,
         **loss_params,
     ):
@@ -273,13 +282,13 @@ class MetrixLoss(torch.nn.Module):
             raise ValueError(f"unknown mixup {mixup!r}; expected one of {list(MIXUPS)}")
         check_pair_set(pairs)
         check_label_mode(label_mode)
-        _check_options(lam, mix_alpha, weight, hard_negatives)
+        _check_options(lam, mix_alpha, weight, hard_negatives, mix_hardest)
         _check_backend(backend)  # availability depends on the tensors' device: checked per call
         distributed.check_group(process_group)
         self.process_group = process_group
         self.loss, self.mixup, self.pairs, self.lam = loss, mixup, pairs, lam
         self.mix_alpha, self.weight, self.backend = mix_alpha, weight, backend
-        self.label_mode, self.hard_negatives = label_mode, hard_negatives
+        self.label_mode, self.hard_negatives, self.mix_hardest = label_mode, hard_negatives, mix_hardest
         if row.uses_proxies:
             for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -305,7 +314,8 @@ class MetrixLoss(torch.nn.Module):
             embeddings, labels, loss=self.loss, mixup=self.mixup, pairs=self.pairs, lam=self.lam,
             mix_alpha=self.mix_alpha, weight=self.weight, proxies=proxies, backend=self.backend,
             generator=generator, features=features, head=head, inputs=inputs, model=model,
-            label_mode=self.label_mode, hard_negatives=self.hard_negatives, process_group=self.process_group,
+            label_mode=self.label_mode, hard_negatives=self.hard_negatives, mix_hardest=self.mix_hardest,
+            process_group=self.process_group,
             **self.loss_params,
         )
 

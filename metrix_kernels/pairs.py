@@ -29,11 +29,10 @@ LABEL_MODES = ("interpolate", "negative", "dominant")
 # keyword presets.
 METHODS = {
     "metrix": {"pairs": DEFAULT_PAIRS, "label_mode": "interpolate"},
-    # MoCHi (Kalantidis et al. 2020): mixed embeddings are negatives whatever lam. The paper mixes the
-    # hardest negatives only; these presets mix every pair of the set (embedding mixup takes no
-    # hard-negative selection).
-    "mochi-anc-neg": {"mixup": "embedding", "pairs": "anc-neg", "label_mode": "negative"},
-    "mochi-neg-neg": {"mixup": "embedding", "pairs": "neg-neg", "label_mode": "negative"},
+    # MoCHi (Kalantidis et al. 2020): mixed embeddings are negatives whatever lam, made of each anchor's
+    # hardest negatives only (paper, sec. 4.2).
+    "mochi-anc-neg": {"mixup": "embedding", "pairs": "anc-neg", "label_mode": "negative", "mix_hardest": True},
+    "mochi-neg-neg": {"mixup": "embedding", "pairs": "neg-neg", "label_mode": "negative", "mix_hardest": True},
     # i-Mix (Lee et al. 2021): anchor-negative input mixup, labels interpolated linearly (paper, sec. 2
     # and 4.2); Metrix/input differs by its pair set, pos-neg or anc-neg drawn per call.
     "i-mix": {"mixup": "input", "pairs": "anc-neg", "label_mode": "interpolate"},

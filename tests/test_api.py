@@ -61,6 +61,7 @@ def call(**overrides):
         ({"mix_alpha": math.nan}, ValueError, r"mix_alpha must be a finite number > 0"),
         ({"hard_negatives": 0}, ValueError, r"hard_negatives must be an int >= 1, got 0"),
         ({"hard_negatives": 2.0}, ValueError, r"hard_negatives must be an int >= 1"),
+        ({"mix_hardest": 1}, ValueError, r"mix_hardest must be True or False, got 1"),
         # feature and input mixup
         ({"mixup": "feature"}, TypeError, r"features must be a torch.Tensor \[B, C, H, W\] with B = 6, got NoneType"),
         ({"mixup": "feature", "features": torch.zeros(6, 2, 2), "head": abs}, ValueError, r"features must have shape \[B, C, H, W\]"),

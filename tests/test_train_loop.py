@@ -101,6 +101,7 @@ def test_presets_resolve():
     sop = resolve(parser().parse_args(["--dataset", "sop", "--method", "mochi-anc-neg", "--loss-param", "neg_margin=0.7",
                                        "--loss", "contrastive"]))
     assert (sop.sampler, sop.mixup, sop.label_mode, sop.pairs) == ("balanced", "embedding", "negative", "anc-neg")
+    assert sop.mix_hardest and not cub.mix_hardest  # MoCHi mixes the hardest negatives only
     assert sop.loss_params["neg_margin"] == 0.7
     base = resolve(parser().parse_args(["--mixup", "none"]))
     assert base.mixup is None and base.method == "baseline"
@@ -162,6 +163,7 @@ def test_bad_values_are_refused_when_parsed(args, message, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--method", "baseline", "--mixup", "feature"], "--method baseline has mixup None: with --mixup feature"),
     (["--method", "mochi-anc-neg", "--label-mode", "interpolate"], "use --method metrix --label-mode interpolate"),
+    (["--method", "mochi-neg-neg", "--no-mix-hardest"], "has mix_hardest True: with --no-mix-hardest"),
     (["--backbone", "resnet50"], "the digits are 8 x 8 grey arrays for --backbone digits"),
     (["--image-size", "32"], "--image-size applies to image datasets"),
     (["--loss-param", "margin"], "--loss-param expects NAME=NUMBER, got 'margin'"),

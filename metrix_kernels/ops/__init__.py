@@ -145,8 +145,10 @@ def error_function(
 
 
 def _by_gram(row: LossRow, plan: MixPlan, mixup: str) -> bool:
-    """Whether the mixed loss runs on the Gram op (embedding mixup, anchors against mixed candidates)."""
-    return mixup == "embedding" and row.candidates != "proxies" and (row.anchors == "proxies" or plan.member is None)
+    """Whether the mixed loss runs on the Gram op: embedding mixup, anchors against mixed candidates, over
+    every pair of the set (a plan that lists its pairs per anchor, with a member mask, mixes them
+    explicitly)."""
+    return mixup == "embedding" and row.candidates != "proxies" and plan.member is None
 
 
 def _batch(row: LossRow, embeddings, labels, plan: MixPlan, mixup: str, backend: str):

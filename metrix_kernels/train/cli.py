@@ -61,7 +61,9 @@ def parser() -> argparse.ArgumentParser:
     add("--label-mode", choices=LABEL_MODES)
     add("--weight", type=NON_NEGATIVE, help="mixup strength w of eq. 10")
     add("--mix-alpha", type=POSITIVE, help="lam ~ Beta(mix_alpha, mix_alpha)")
-    add("--hard-negatives", type=POSITIVE_INT, help="input mixup: hardest negatives per anchor")
+    add("--hard-negatives", type=POSITIVE_INT, help="input mixup (and --mix-hardest): hardest negatives per anchor")
+    add("--mix-hardest", action=argparse.BooleanOptionalAction, default=None,
+        help="embedding / feature mixup over the hardest negatives only (the MoCHi presets)")
     add("--backend", default="auto", help="loss backend of metrix_loss: auto, reference, cpu, triton, cuda")
     add("--backbone", choices=BACKBONES)
     add("--pretrained", help="'imagenet' (torchvision's cache, no download), a .pth path, or 'none'")
@@ -114,10 +116,11 @@ def _check_method(args: argparse.Namespace) -> None:
     if args.method == "metrix":
         return
     preset = COMPARISON_METHODS[args.method]
-    given = {"mixup": None if args.mixup == "none" else args.mixup, "pairs": args.pairs, "label_mode": args.label_mode}
+    given = {"mixup": None if args.mixup == "none" else args.mixup, "pairs": args.pairs, "label_mode": args.label_mode,
+             "mix_hardest": args.mix_hardest}
     for key, value in given.items():
         if getattr(args, key) is not None and key in preset and value != preset[key]:
-            flag = f"--{key.replace('_', '-')} {getattr(args, key)}"
+            flag = f"--{key.replace('_', '-')} {getattr(args, key)}" if key != "mix_hardest" else "--no-mix-hardest"
             raise ValueError(f"--method {args.method} has {key} {preset[key]}: with {flag} it would be "
                              f"another method under its name; use --method metrix {flag}")
 

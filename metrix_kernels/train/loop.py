@@ -58,6 +58,7 @@ class Config:
     mix_alpha: float = 2.0
     backend: str = "auto"
     hard_negatives: int = 3
+    mix_hardest: bool = False  # embedding / feature mixup over the hardest negatives only (MoCHi)
     backbone: str = "digits"
     pretrained: Optional[str] = "none"
     embedding_size: int = 64
@@ -241,6 +242,7 @@ class Trainer:
             num_classes=self.splits.train.num_classes if proxies else None,
             embedding_size=cfg.embedding_size if proxies else None,
             backend=cfg.backend, label_mode=cfg.label_mode, hard_negatives=cfg.hard_negatives,
+            mix_hardest=cfg.mix_hardest,
             process_group="world" if self.world_size > 1 else None, **cfg.loss_params,
         ).to(self.device)
         groups = [{"params": list(self.model.parameters())}]
@@ -377,7 +379,8 @@ class Trainer:
         replay = torch.Generator()
         replay.set_state(mix_state)
         c = self.criterion
-        plan = plan_mixing(embeddings, y, c.mixup, c.pairs, c.lam, c.mix_alpha, c.label_mode, c.hard_negatives, replay)
+        plan = plan_mixing(embeddings, y, c.mixup, c.pairs, c.lam, c.mix_alpha, c.label_mode, c.hard_negatives, replay,
+                           mix_hardest=c.mix_hardest)
         self.reservoir.add(index[plan.i.cpu()], index[plan.j.cpu()], plan.lam)
 
     # ---- evaluation ---------------------------------------------------------------------------

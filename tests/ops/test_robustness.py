@@ -96,3 +96,36 @@ def test_non_finite_inputs_give_nan(backend, loss, where, bad):
         value = metrix_loss(emb, labels, loss=loss, proxies=proxies, mixup=mixup, pairs="pos-neg", lam=0.3,
                             backend=backend)
         assert torch.isnan(value), (mixup, value)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("loss", sorted(FAMILY))
+@pytest.mark.parametrize("pairs", ["pos-neg", "anc-neg", "neg-neg"])
+@pytest.mark.parametrize("mixup", ["embedding", "feature"])
+def test_mixing_the_hardest_negatives_matches_the_reference(backend, loss, pairs, mixup):
+    """mix_hardest (MoCHi's selection): embedding and feature mixup over each anchor's two hardest
+    negatives, on the fused backends as in the reference, loss and gradients."""
+    skip_unless_usable(backend)
+    gen = torch.Generator().manual_seed(1)
+    emb = torch.randn(12, 5, generator=gen).to(DEVICE)
+    labels = (torch.arange(12) % 4).to(DEVICE)
+    proxies = torch.randn(4, 5, generator=gen).to(DEVICE) if FAMILY[loss].uses_proxies else None
+    features = torch.randn(12, 3, 2, 2, generator=gen).to(DEVICE)
+    head = torch.randn(5, 3, generator=gen).to(DEVICE)
+    values, grads = [], []
+    for name in ("reference", backend):
+        x, f, p = (None if t is None else t.clone().requires_grad_(True)
+                   for t in (emb, features if mixup == "feature" else None, proxies))
+        extra = {"features": f, "head": lambda pooled: pooled @ head.T} if mixup == "feature" else {}
+        value = metrix_loss(x, labels, loss=loss, proxies=p, mixup=mixup, pairs=pairs, lam=0.3, hard_negatives=2,
+                            mix_hardest=True, backend=name, **extra)
+        values.append(value)
+        grads.append(torch.autograd.grad(value, [t for t in (x, f, p) if t is not None]))
+    close(values[1], values[0])
+    for got, want in zip(grads[1], grads[0]):
+        close(got, want)
+    every_pair = metrix_loss(emb, labels, loss=loss, proxies=proxies, mixup=mixup, pairs=pairs, lam=0.3,
+                             backend="reference", **({"features": features, "head": lambda q: q @ head.T}
+                                                     if mixup == "feature" else {}))
+    if loss != "nca":  # whose mixed term is a constant of lam (README, Losses)
+        assert not torch.isclose(every_pair, values[0]), "the selection should change the loss"
