@@ -29,7 +29,7 @@ def _bounded(kind: type, low: float, inclusive: bool):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if not math.isfinite(value) or value < low or (value == low and not inclusive):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
         return value
@@ -116,11 +116,10 @@ def _check_method(args: argparse.Namespace) -> None:
     if args.method == "metrix":
         return
     preset = COMPARISON_METHODS[args.method]
-    given = {"mixup": None if args.mixup == "none" else args.mixup, "pairs": args.pairs, "label_mode": args.label_mode,
-             "mix_hardest": args.mix_hardest}
-    for key, value in given.items():
-        if getattr(args, key) is not None and key in preset and value != preset[key]:
-            flag = f"--{key.replace('_', '-')} {getattr(args, key)}" if key != "mix_hardest" else "--no-mix-hardest"
+    for key in ("mixup", "pairs", "label_mode", "mix_hardest"):
+        given = getattr(args, key)
+        if given is not None and key in preset and (None if given == "none" else given) != preset[key]:
+            flag = "--no-mix-hardest" if key == "mix_hardest" else f"--{key.replace('_', '-')} {given}"
             raise ValueError(f"--method {args.method} has {key} {preset[key]}: with {flag} it would be "
                              f"another method under its name; use --method metrix {flag}")
 
